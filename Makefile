@@ -1,0 +1,37 @@
+# The README's commands. `make train` and `make test` each set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: setup train test test-fast bench clean
+
+setup: $(VENV)/.deps $(VENV)/.built
+
+# Pinned dependencies (torch==2.13.0 first, so nothing else pulls a CUDA build of torch).
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=23.1"
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+# The package itself, editable, built against the torch above (hence --no-build-isolation).
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PY) -c "import torch_xent; torch_xent.show_config()"
+	touch $@
+
+train: setup
+	$(PY) train.py
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: setup
+	$(PY) benchmarks/bench_xent.py
+
+clean:
+	rm -rf build *.egg-info torch_xent/*.so $(VENV)

@@ -1,0 +1,59 @@
+// Op schemas for torch_xent: the single place where the custom ops are declared.
+// Kernels live in cpu/xent_kernel.cpp and cuda/xent_kernel.cu, each with its own TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace torch_xent {
+
+int64_t cuda_version() {
+#ifdef TORCH_XENT_WITH_CUDA
+  return TORCH_XENT_WITH_CUDA;
+#else
+  return -1;
+#endif
+}
+
+// Device-agnostic: one multiply (broadcast per row for `none`).
+at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& grad_output) {
+  TORCH_CHECK(grad_output.dim() == 0 || (grad_output.dim() == 1 && grad.dim() == 2 &&
+              grad_output.size(0) == grad.size(0)),
+              "cross_entropy_backward: grad_output must be 0-d or hold one value per row");
+  if (grad_output.dim() == 1) return grad * grad_output.unsqueeze(1).to(grad.scalar_type());
+  return grad * grad_output.to(grad.scalar_type());
+}
+
+}  // namespace torch_xent
+
+// An empty Python module so that `import torch_xent._C` loads this library (and with it the op
+// registrations below) without needing pybind11; the ops are reached through torch.ops.torch_xent.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(torch_xent, m) {
+  // Fused softmax cross-entropy over the rows of a 2-D (M, C) logits tensor.
+  //   target: (M,) int64 class indices, or (M, C) class probabilities of the logits' dtype.
+  //   weight: optional (C,) class weights of the logits' dtype.
+  //   reduction: 0 none, 1 mean, 2 sum.   softcap: 0.0 means off.
+  // Returns (loss, lse, grad): loss (M,) for none and () otherwise, in float32 (float64 for double
+  // logits); lse (M,) in the same accumulation dtype (0 for ignored rows); grad (M, C) in the
+  // logits' dtype = d loss / d logits (per row for `none`), or an empty tensor when !compute_grad.
+  m.def(
+      "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+  // The same, writing the gradient into the logits' own storage instead of a new buffer.
+  m.def(
+      "cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)");
+  // Scales a stored gradient by grad_output (a 0-d tensor, or (M,) per row for `none`).
+  m.def("cross_entropy_backward(Tensor grad, Tensor grad_output) -> Tensor");
+  // Which accelerator kernels were compiled in: -1 for none, else the CUDA major.minor as 100*major+minor.
+  m.def("cuda_version() -> int", &torch_xent::cuda_version);
+}
+
+TORCH_LIBRARY_IMPL(torch_xent, CompositeExplicitAutograd, m) {
+  m.impl("cross_entropy_backward", &torch_xent::cross_entropy_backward);
+}

@@ -1,0 +1,19 @@
+"""torch_xent: a fused softmax cross-entropy for PyTorch, a drop-in for ``F.cross_entropy``."""
+
+from torch_xent._config import show_config
+from torch_xent._native import cuda_version, native_available
+from torch_xent.function import SoftmaxCrossEntropyFunction
+from torch_xent.functional import cross_entropy, cross_entropy_with_lse
+from torch_xent.modules import CrossEntropyLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CrossEntropyLoss",
+    "SoftmaxCrossEntropyFunction",
+    "cross_entropy",
+    "cross_entropy_with_lse",
+    "cuda_version",
+    "native_available",
+    "show_config",
+]

@@ -1,0 +1,112 @@
+"""Loads the compiled ops when they were built, registers their fake kernels and autograd formulas,
+and says what is available. Importing this module never fails because the extension is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+_LOAD_ERROR: str | None = None
+_C = None
+if importlib.util.find_spec("torch_xent._C") is None:
+    _LOAD_ERROR = "the extension was not built: a pure-Python install"
+else:
+    try:  # the extension registers torch.ops.torch_xent.* as a side effect of being loaded
+        from torch_xent import _C
+    except Exception as exc:  # noqa: BLE001 - e.g. built against another torch: use the reference
+        _LOAD_ERROR = f"the extension failed to load ({type(exc).__name__}: {exc})"
+
+OPS = ("cross_entropy_forward", "cross_entropy_forward_inplace", "cross_entropy_backward")
+
+
+def loaded() -> bool:
+    return _C is not None
+
+
+def load_error() -> str | None:
+    return _LOAD_ERROR
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    if _C is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_xent::{op}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+def native_available(device="cpu") -> bool:
+    """True when the compiled kernel for ``device`` (a torch.device, or a string such as "cuda") is built."""
+    dev = torch.device(device)
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev.type)
+    return key is not None and _has_kernel("cross_entropy_forward", key)
+
+
+def cuda_version() -> int:
+    """CUDA version the extension was compiled with (100 * major + minor), -1 for a CPU-only build."""
+    if _C is None:
+        return -1
+    return int(torch.ops.torch_xent.cuda_version())
+
+
+if _C is not None:
+    _lib_ops = torch.ops.torch_xent
+
+    @torch.library.register_fake("torch_xent::cross_entropy_forward")
+    def _forward_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                      compute_grad):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        m = logits.shape[0]
+        loss = logits.new_empty((m,) if reduction == 0 else (), dtype=acc)
+        lse = logits.new_empty((m,), dtype=acc)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad \
+            else logits.new_empty((0,))
+        return loss, lse, grad
+
+    @torch.library.register_fake("torch_xent::cross_entropy_forward_inplace")
+    def _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss,
+                              softcap):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        m = logits.shape[0]
+        loss = logits.new_empty((m,) if reduction == 0 else (), dtype=acc)
+        lse = logits.new_empty((m,), dtype=acc)
+        return loss, lse
+
+    @torch.library.register_fake("torch_xent::cross_entropy_backward")
+    def _backward_fake(grad, grad_output):
+        return torch.empty_like(grad)
+
+    # Autograd for calling the forward op directly (torch_xent.cross_entropy goes through
+    # SoftmaxCrossEntropyFunction instead, which also gives double backward): the op already
+    # computed d loss / d logits, so the backward only scales it.
+    def _forward_setup_context(ctx, inputs, output):
+        ctx.reduction = inputs[3]
+        ctx.save_for_backward(output[2])
+
+    def _forward_backward(ctx, grad_loss, grad_lse, grad_grad):
+        (grad,) = ctx.saved_tensors
+        if grad.numel() == 0 and grad_loss is not None:
+            raise RuntimeError("torch_xent::cross_entropy_forward: backward needs compute_grad=True")
+        g = None if grad_loss is None else _lib_ops.cross_entropy_backward(grad, grad_loss)
+        return g, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("torch_xent::cross_entropy_forward", _forward_backward,
+                                    setup_context=_forward_setup_context)
+
+    def _backward_setup_context(ctx, inputs, output):
+        grad, grad_output = inputs
+        ctx.save_for_backward(grad, grad_output)
+
+    def _backward_backward(ctx, gg):
+        grad, grad_output = ctx.saved_tensors
+        d_grad = _lib_ops.cross_entropy_backward(gg, grad_output) if ctx.needs_input_grad[0] else None
+        d_go = None
+        if ctx.needs_input_grad[1]:
+            prod = (gg * grad).to(grad_output.dtype)
+            d_go = prod.sum(dim=1) if grad_output.dim() == 1 else prod.sum()
+        return d_grad, d_go
+
+    torch.library.register_autograd("torch_xent::cross_entropy_backward", _backward_backward,
+                                    setup_context=_backward_setup_context)

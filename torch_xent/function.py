@@ -1,0 +1,155 @@
+"""The autograd Function: a manual forward that computes the loss and its gradient in one fused pass,
+and a manual backward that only scales that stored gradient by grad_output."""
+
+from __future__ import annotations
+
+import torch
+
+from torch_xent import reference
+from torch_xent.reference import REDUCTIONS
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def fused_forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                  compute_grad, inplace, use_native):
+    """Runs one implementation on a 2-D contiguous (M, C) problem.
+
+    Returns (loss in the accumulation dtype, lse (M,), grad (M, C) or None). With ``inplace`` the
+    gradient is written into ``logits`` itself and ``grad`` is ``logits``.
+    """
+    red = REDUCTIONS[reduction]
+    cap = float(softcap) if softcap else 0.0
+    if use_native:
+        ops = torch.ops.torch_xent
+        if inplace and compute_grad:
+            loss, lse = ops.cross_entropy_forward_inplace(logits, target, weight, red, ignore_index,
+                                                          float(label_smoothing), float(z_loss), cap)
+            return loss, lse, logits
+        loss, lse, grad = ops.cross_entropy_forward(logits, target, weight, red, ignore_index,
+                                                    float(label_smoothing), float(z_loss), cap, compute_grad)
+        return loss, lse, (grad if compute_grad else None)
+    loss, lse, grad = reference.cross_entropy_forward(logits, target, weight, reduction, ignore_index,
+                                                      label_smoothing, z_loss, softcap, compute_grad)
+    if not compute_grad:
+        return loss, lse, None
+    if inplace:
+        logits.copy_(grad)
+        return loss, lse, logits
+    return loss, lse, grad
+
+
+class SoftmaxCrossEntropyFunction(torch.autograd.Function):
+    """Softmax cross-entropy with a hand-written forward and backward.
+
+    ``apply(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+    inplace_backward, use_native)``
+
+    - logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64.
+    - target: (M,) int64 class indices, or (M, C) class probabilities in the logits' dtype.
+    - weight: (C,) in the logits' dtype, or None.
+    - reduction: "none" | "mean" | "sum"; returns (M,) or () in the logits' dtype.
+
+    The forward computes d loss / d logits while each row is in cache and keeps it; the backward
+    scales it by grad_output in place (not at all when grad_output is 1 on the CPU) and hands the
+    same buffer back, so forward + backward allocate one (M, C) tensor; with ``inplace_backward``
+    the gradient lives in the logits' storage and nothing of size (M, C) is allocated.
+
+    Double backward (``create_graph=True``) is real: the backward then recomputes the gradient from
+    the saved logits with differentiable operations (``reference.row_terms``), so higher derivatives
+    are exact. It is not available with ``inplace_backward``, whose logits were overwritten.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                inplace_backward, use_native):
+        compute_grad = ctx.needs_input_grad[0]
+        inplace = bool(inplace_backward) and compute_grad and not _is_compiling()
+        loss, lse, grad = fused_forward(logits, target, weight, reduction, ignore_index, label_smoothing,
+                                        z_loss, softcap, compute_grad, inplace, use_native)
+        ctx.reduction = reduction
+        ctx.ignore_index = ignore_index
+        ctx.label_smoothing = label_smoothing
+        ctx.z_loss = z_loss
+        ctx.softcap = softcap
+        ctx.inplace = inplace
+        ctx.logits_dtype = logits.dtype
+        ctx.num_rows = logits.shape[0]
+        if inplace:
+            # The logits now hold the gradient: any other op that saved them must notice.
+            torch.autograd.graph.increment_version(logits)
+        to_save = [None if inplace else logits, target, weight]
+        ctx.compiled = _is_compiling()
+        if ctx.compiled:  # dynamo wants every tensor the backward reads in save_for_backward
+            to_save.append(grad)
+        else:
+            ctx.grad_buffer = grad
+        ctx.save_for_backward(*to_save)
+        ctx.mark_non_differentiable(lse)
+        return loss.to(logits.dtype), lse
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_lse):
+        grad_logits = grad_target = None
+        saved = ctx.saved_tensors
+        logits, target, weight = saved[0], saved[1], saved[2]
+        if ctx.needs_input_grad[0]:
+            if ctx.compiled:
+                grad_logits = _scaled(saved[3], grad_output)
+            elif torch.is_grad_enabled():
+                grad_logits = _differentiable_grad(ctx, logits, target, weight, grad_output)
+            else:
+                grad_logits = _take_buffer(ctx, logits, target, weight, grad_output)
+        if ctx.needs_input_grad[1]:
+            if logits is None:
+                raise RuntimeError("torch_xent: the gradient with respect to a soft target needs the logits, "
+                                   "which inplace_backward=True overwrote; use inplace_backward=False")
+            scale = reference.reduction_scale(target, weight, ctx.ignore_index, ctx.reduction, ctx.num_rows,
+                                              reference.acc_dtype(ctx.logits_dtype))
+            grad_target = reference.target_gradient(logits, target, weight, ctx.label_smoothing, ctx.softcap,
+                                                    grad_output.to(scale.dtype) * scale).to(target.dtype)
+        return grad_logits, grad_target, None, None, None, None, None, None, None, None
+
+
+def _scaled(grad, grad_output):
+    if grad_output.dim() == 1:
+        return grad * grad_output.unsqueeze(1).to(grad.dtype)
+    return grad * grad_output.to(grad.dtype)
+
+
+def _differentiable_grad(ctx, logits, target, weight, grad_output):
+    if logits is None:
+        raise RuntimeError("torch_xent: double backward (create_graph=True) is not supported with "
+                           "inplace_backward=True, which overwrote the logits; use inplace_backward=False")
+    _, _, grad, _ = reference.row_terms(logits, target, weight, ctx.ignore_index, ctx.label_smoothing,
+                                        ctx.z_loss, ctx.softcap)
+    scale = reference.reduction_scale(target, weight, ctx.ignore_index, ctx.reduction, ctx.num_rows, grad.dtype)
+    return _scaled(grad * scale, grad_output.to(grad.dtype)).to(ctx.logits_dtype)
+
+
+def _take_buffer(ctx, logits, target, weight, grad_output):
+    """Hands the stored gradient back, scaled in place; the Function keeps no reference to it, so
+    autograd can accumulate it into .grad without a copy."""
+    grad = ctx.grad_buffer
+    ctx.grad_buffer = None
+    if grad is None:  # a second backward through the same graph (retain_graph=True)
+        if ctx.inplace:
+            raise RuntimeError("torch_xent: with inplace_backward=True the gradient lives in the logits and "
+                               "can be taken once; a second backward through the same graph is not supported")
+        with torch.no_grad():
+            _, _, grad, _ = reference.row_terms(logits, target, weight, ctx.ignore_index, ctx.label_smoothing,
+                                                ctx.z_loss, ctx.softcap)
+            grad = grad * reference.reduction_scale(target, weight, ctx.ignore_index, ctx.reduction,
+                                                    ctx.num_rows, grad.dtype)
+            grad = grad.to(ctx.logits_dtype)
+    if grad_output.dim() == 1:
+        grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
+    elif grad_output.device.type != "cpu" or float(grad_output) != 1.0:
+        # On the GPU we never read grad_output on the host (that would synchronise).
+        grad.mul_(grad_output.to(grad.dtype))
+    return grad
