@@ -55,9 +55,20 @@ XENT_HOST_DEVICE acc_t weighted_logit(acc_t q, acc_t z) {
 }
 
 // loss = sum_q * lse - sum_j q_j zc_j + z_loss * lse^2, given sum_j q_j zc_j.
+// Prefer row_loss_shifted: this form loses digits for logits of large magnitude (1e4 in float32).
 template <typename acc_t>
 XENT_HOST_DEVICE acc_t row_loss(acc_t lse, acc_t sum_q, acc_t q_dot_z, acc_t z_loss) {
   acc_t loss = sum_q * lse - q_dot_z;
+  if (z_loss != acc_t(0)) loss += z_loss * lse * lse;
+  return loss;
+}
+
+// The same loss computed relative to the row max m, as PyTorch's log_softmax does, so that logits of
+// magnitude 1e4 stay exact: loss = sum_q * log_sum - sum_j q_j (zc_j - m) + z_loss * lse^2, where
+// log_sum = log(sum_j exp(zc_j - m)) and lse = m + log_sum.
+template <typename acc_t>
+XENT_HOST_DEVICE acc_t row_loss_shifted(acc_t log_sum, acc_t lse, acc_t sum_q, acc_t q_dot_shifted_z, acc_t z_loss) {
+  acc_t loss = sum_q * log_sum - q_dot_shifted_z;
   if (z_loss != acc_t(0)) loss += z_loss * lse * lse;
   return loss;
 }

@@ -116,6 +116,14 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         return grad_logits, grad_target, None, None, None, None, None, None, None, None
 
 
+def _is_batched(t) -> bool:
+    ft = getattr(torch._C, "_functorch", None)
+    if ft is None:
+        return False
+    checks = ("is_functorch_wrapped_tensor", "is_batchedtensor", "is_legacy_batchedtensor")
+    return any(getattr(ft, name)(t) for name in checks if hasattr(ft, name))
+
+
 def _scaled(grad, grad_output):
     if grad_output.dim() == 1:
         return grad * grad_output.unsqueeze(1).to(grad.dtype)
@@ -126,27 +134,32 @@ def _differentiable_grad(ctx, logits, target, weight, grad_output):
     if logits is None:
         raise RuntimeError("torch_xent: double backward (create_graph=True) is not supported with "
                            "inplace_backward=True, which overwrote the logits; use inplace_backward=False")
-    _, _, grad, _ = reference.row_terms(logits, target, weight, ctx.ignore_index, ctx.label_smoothing,
-                                        ctx.z_loss, ctx.softcap)
+    _, _, grad, valid = reference.row_terms(logits, target, weight, ctx.ignore_index, ctx.label_smoothing,
+                                            ctx.z_loss, ctx.softcap)
     scale = reference.reduction_scale(target, weight, ctx.ignore_index, ctx.reduction, ctx.num_rows, grad.dtype)
-    return _scaled(grad * scale, grad_output.to(grad.dtype)).to(ctx.logits_dtype)
+    go = grad_output.to(grad.dtype)
+    return reference.scale_rows(grad, scale * go, valid).to(ctx.logits_dtype)
 
 
 def _take_buffer(ctx, logits, target, weight, grad_output):
     """Hands the stored gradient back, scaled in place; the Function keeps no reference to it, so
     autograd can accumulate it into .grad without a copy."""
+    batched = _is_batched(grad_output)  # vmap over the backward (is_grads_batched): scale out of place
     grad = ctx.grad_buffer
-    ctx.grad_buffer = None
+    if not batched:
+        ctx.grad_buffer = None
     if grad is None:  # a second backward through the same graph (retain_graph=True)
         if ctx.inplace:
             raise RuntimeError("torch_xent: with inplace_backward=True the gradient lives in the logits and "
                                "can be taken once; a second backward through the same graph is not supported")
         with torch.no_grad():
-            _, _, grad, _ = reference.row_terms(logits, target, weight, ctx.ignore_index, ctx.label_smoothing,
-                                                ctx.z_loss, ctx.softcap)
-            grad = grad * reference.reduction_scale(target, weight, ctx.ignore_index, ctx.reduction,
-                                                    ctx.num_rows, grad.dtype)
-            grad = grad.to(ctx.logits_dtype)
+            _, _, grad, valid = reference.row_terms(logits, target, weight, ctx.ignore_index,
+                                                    ctx.label_smoothing, ctx.z_loss, ctx.softcap)
+            scale = reference.reduction_scale(target, weight, ctx.ignore_index, ctx.reduction, ctx.num_rows,
+                                              grad.dtype)
+            grad = reference.scale_rows(grad, scale, valid).to(ctx.logits_dtype)
+    if batched:
+        return _scaled(grad, grad_output)
     if grad_output.dim() == 1:
         grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
     elif grad_output.device.type != "cpu" or float(grad_output) != 1.0:

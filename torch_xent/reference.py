@@ -46,6 +46,21 @@ def _softcap(z: torch.Tensor, softcap: float | None):
     return softcap * t, 1.0 - t * t
 
 
+def _max_and_log_sum(z):
+    """Row max m (a constant for autograd) and log(sum(exp(z - m))), as the kernels compute them.
+
+    lse = m + log_sum. Unlike torch.logsumexp, a +inf logit gives NaN (inf - inf), which is what
+    F.cross_entropy returns for such a row. Because m is a constant, d lse / dz is exactly softmax.
+    """
+    m = z.detach().amax(dim=1, keepdim=True)
+    return m.squeeze(1), torch.log(torch.exp(z - m).sum(dim=1))
+
+
+def _logsumexp(z):
+    m, log_sum = _max_and_log_sum(z)
+    return m + log_sum
+
+
 def _target_distribution(z, target, weight, ignore_index, label_smoothing):
     """q (M, C) in z's dtype, and the mask of rows that count (not ignored)."""
     m, c = z.shape
@@ -100,11 +115,15 @@ def row_terms(logits, target, weight, ignore_index, label_smoothing, z_loss, sof
     acc = acc_dtype(logits.dtype)
     z, dcap = _softcap(logits.to(acc), softcap)
     q, valid = _target_distribution(z, target, weight, ignore_index, label_smoothing)
-    lse = torch.logsumexp(z, dim=1)
+    m, log_sum = _max_and_log_sum(z)
+    lse = m + log_sum
     sum_q = q.sum(dim=1)
-    # q_j * z_j where q_j == 0 must be 0 even for z_j = -inf (a class the model rules out).
-    qz = torch.where(q != 0, q * z, torch.zeros((), dtype=acc, device=z.device)).sum(dim=1)
-    loss = sum_q * lse - qz
+    # Everything relative to the row max, so that logits of magnitude 1e4 lose no digits:
+    # loss = sum_q * log_sum - sum_j q_j (z_j - m). q_j (z_j - m) counts as 0 where q_j == 0, even for
+    # z_j = -inf (a class the model rules out).
+    zs = z - m.unsqueeze(1)
+    qz = torch.where(q != 0, q * zs, torch.zeros((), dtype=acc, device=z.device)).sum(dim=1)
+    loss = sum_q * log_sum - qz
     coef = sum_q
     if z_loss:
         loss = loss + z_loss * lse * lse
@@ -133,13 +152,20 @@ def cross_entropy_forward(logits, target, weight, reduction, ignore_index=-100, 
     with torch.no_grad():
         if not target.dtype.is_floating_point:
             check_targets_in_range(target, logits.shape[1], ignore_index)
-        loss, lse, grad, _ = row_terms(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+        loss, lse, grad, valid = row_terms(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
         scale = reduction_scale(target, weight, ignore_index, reduction, logits.shape[0], loss.dtype)
         if reduction != "none":
             loss = loss.sum() * scale
-            grad = grad * scale
+            grad = scale_rows(grad, scale, valid)
         grad = grad.to(logits.dtype) if compute_grad else logits.new_empty(0)
     return loss, lse, grad
+
+
+def scale_rows(grad, scale, valid):
+    """grad * scale, keeping ignored rows exactly 0 when the scale is inf or NaN (every row ignored)."""
+    if scale.dim() == 1:
+        scale = scale.unsqueeze(1)
+    return torch.where(valid.unsqueeze(1), grad * scale, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
 def target_gradient(logits, target, weight, label_smoothing, softcap, row_scale):
@@ -149,7 +175,7 @@ def target_gradient(logits, target, weight, label_smoothing, softcap, row_scale)
     """
     acc = acc_dtype(logits.dtype)
     z, _ = _softcap(logits.to(acc), softcap)
-    logp = z - torch.logsumexp(z, dim=1, keepdim=True)
+    logp = z - _logsumexp(z).unsqueeze(1)
     g = -(1.0 - float(label_smoothing)) * logp
     if weight is not None:
         g = g * weight.to(acc)

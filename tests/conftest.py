@@ -1,0 +1,26 @@
+"""Devices and implementations every test runs over: the reference always, the compiled kernel when
+built, CUDA when a GPU is present (CUDA cases are skipped, never failed, without one)."""
+
+import pytest
+import torch
+
+import torch_xent
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def impls_for(device):
+    return ["reference"] + (["native"] if torch_xent.native_available(device) else [])
+
+
+DEVICE_IMPLS = [(d, i) for d in DEVICES for i in impls_for(d)]
+DEVICE_IMPL_IDS = [f"{d}-{i}" for d, i in DEVICE_IMPLS]
+
+
+@pytest.fixture(params=DEVICE_IMPLS, ids=DEVICE_IMPL_IDS)
+def device_impl(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    return "torch_xent implementations under test: " + ", ".join(DEVICE_IMPL_IDS)
