@@ -1,0 +1,926 @@
+// CUDA kernels for torch_xent::cross_entropy_forward(_inplace). Design notes: docs/cuda.md.
+//
+// One launch reads each row of logits once: an online max / sum-exp pass that also keeps the row
+// on chip (shared memory), then the gradient is written from that copy. Rows that do not fit in
+// one block's shared memory are split over a thread-block cluster (Hopper): each block keeps its
+// share and the blocks exchange their partial sums through distributed shared memory. Only rows
+// too large even for that (or pre-Hopper GPUs with large rows) read their logits a second time.
+//
+// Reductions are deterministic: fixed-order trees in every kernel, per-row losses in a buffer that
+// a single block sums, and no floating-point atomics. The mean's denominator is computed on the
+// device by a first tiny kernel that the row kernel reads: nothing waits for the host.
+//
+// Only c10 CUDA headers are included (ATen/cuda/CUDAContext.h would pull in cuBLAS headers that a
+// bare CUDA toolkit may not have).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "xent_math.h"
+
+namespace torch_xent {
+namespace {
+
+// Each thread keeps kUnroll independent 16-byte loads in flight before it uses the first.
+constexpr int kUnroll = 4;
+// Block size of the kernel that handles several short rows per block (a group of threads a row).
+constexpr int kGroupBlockThreads = 256;
+// Largest block of the block-per-row kernel; its launch bounds leave 64 registers a thread.
+constexpr int kMaxRowBlockThreads = 256;
+// A row (or a cluster block's share of it) is kept in shared memory up to this many bytes a
+// block: three such blocks fit in a Hopper SM, so one block's loads overlap another's stores.
+constexpr int64_t kTargetChunkBytes = 64 * 1024;
+// Portable cluster size limit.
+constexpr int kMaxCluster = 8;
+// Rows of at most this many 16-byte slots go to the several-rows-per-block kernel.
+constexpr int64_t kGroupMaxSlots = 128;
+
+// ---------------------------------------------------------------------------------------------
+// Element types: torch's c10::Half / c10::BFloat16 are handled as CUDA's own __half / bf16.
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+template <typename T> struct CudaType { using type = T; };
+template <> struct CudaType<c10::Half> { using type = __half; };
+template <> struct CudaType<c10::BFloat16> { using type = __nv_bfloat16; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// exp(z - shift) as one FMA and one ex2.approx for float (relative error ~1e-6 where it matters:
+// tiny probabilities flush to 0), exactly for double. The shift is given as shift * log2(e).
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float scaled_shift(float shift) { return shift * kLog2e; }
+__device__ __forceinline__ double scaled_shift(double shift) { return shift; }
+__device__ __forceinline__ float exp_shifted(float z, float shift_l2) { return exp2f(fmaf(z, kLog2e, -shift_l2)); }
+__device__ __forceinline__ double exp_shifted(double z, double shift) { return ::exp(z - shift); }
+__device__ __forceinline__ float acc_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return ::exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return ::logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return ::log(x); }
+
+// max that propagates NaN from either side (fmaxf would drop it and hide a NaN row).
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// 16 bytes of T: the unit of every global load and store on the fast path.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kVec = 16 / sizeof(T);
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> as_pack(uint4 raw) {
+  Pack<T> p;
+  *reinterpret_cast<uint4*>(&p) = raw;
+  return p;
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 as_raw(const Pack<T>& p) {
+  return *reinterpret_cast<const uint4*>(&p);
+}
+
+// A row is walked in 16-byte slots aligned in memory: slot s holds the elements j with
+// s * kVec <= j + off < (s + 1) * kVec, where off is the row's misalignment in elements. Slots
+// partly outside the valid range [jlo, jhi) are read and written element by element, and so is
+// every slot of a tensor whose misalignment differs from the logits' (vec_ok == false).
+// In-row indices are 32-bit (the host checks C < 2^31); row offsets (row * C) are 64-bit.
+template <typename T>
+__device__ __forceinline__ uint4 load_slot(const T* row, int j0, int jlo, int jhi, bool vec_ok, bool streaming,
+                                           T fill) {
+  constexpr int kVec = Pack<T>::kVec;
+  if (vec_ok && j0 >= jlo && j0 + kVec <= jhi) {
+    const uint4* ptr = reinterpret_cast<const uint4*>(row + j0);
+    return streaming ? __ldcs(ptr) : *ptr;
+  }
+  Pack<T> p;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    const int j = j0 + e;
+    p.v[e] = (j >= jlo && j < jhi) ? row[j] : fill;
+  }
+  return as_raw(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_slot(T* row, int j0, int jlo, int jhi, bool vec_ok, const Pack<T>& p) {
+  constexpr int kVec = Pack<T>::kVec;
+  if (vec_ok && j0 >= jlo && j0 + kVec <= jhi) {
+    __stcs(reinterpret_cast<uint4*>(row + j0), as_raw(p));
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    const int j = j0 + e;
+    if (j >= jlo && j < jhi) row[j] = p.v[e];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ int misalignment(const void* ptr) {
+  return static_cast<int>((reinterpret_cast<uintptr_t>(ptr) / sizeof(T)) % Pack<T>::kVec);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-row partial results, merged in a fixed order so that the result is the same on every run.
+//   m, s: running max and sum of exp(zc - m);  dot: sum_j q_j zc_j (its smoothing part for class
+//   targets);  qsum: sum_j q_j (soft) or sum_j w_j (class targets with smoothing and weights);
+//   zy: the capped target logit (class targets; exactly one thread holds it, others hold 0).
+template <typename acc_t>
+struct Stats {
+  acc_t m, s, dot, qsum, zy;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Stats<acc_t> empty_stats() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Stats<acc_t> combine(const Stats<acc_t>& a, const Stats<acc_t>& b) {
+  Stats<acc_t> r;
+  r.m = nan_max(a.m, b.m);
+  if (r.m == neg_inf<acc_t>()) {
+    r.s = acc_t(0);  // both empty so far: avoid exp(-inf - -inf)
+  } else {
+    // Commutative in IEEE arithmetic, so a butterfly leaves every lane with the same bits.
+    r.s = a.s * acc_exp(a.m - r.m) + b.s * acc_exp(b.m - r.m);
+  }
+  r.dot = a.dot + b.dot;
+  r.qsum = a.qsum + b.qsum;
+  r.zy = a.zy + b.zy;
+  return r;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Stats<acc_t> shfl_xor(const Stats<acc_t>& v, int offset, unsigned mask, int width) {
+  return {__shfl_xor_sync(mask, v.m, offset, width), __shfl_xor_sync(mask, v.s, offset, width),
+          __shfl_xor_sync(mask, v.dot, offset, width), __shfl_xor_sync(mask, v.qsum, offset, width),
+          __shfl_xor_sync(mask, v.zy, offset, width)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Stats<acc_t> group_allreduce(Stats<acc_t> v, unsigned mask, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) v = combine(v, shfl_xor(v, offset, mask, width));
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel parameters (passed by value, so they live in the constant bank, not in registers).
+template <typename T, typename acc_t>
+struct RowParams {
+  const T* logits;       // (M, C); for the in-place op the same storage as grad
+  T* grad;               // (M, C), or nullptr when no gradient is wanted
+  const int64_t* target; // (M,) class indices, or nullptr
+  const T* soft;         // (M, C) class probabilities, or nullptr
+  const T* weight;       // (C,), or nullptr
+  acc_t* row_loss;       // (M,)
+  acc_t* lse;            // (M,)
+  const acc_t* scale_ptr;  // device-side gradient scale (mean of class targets), or nullptr
+  acc_t scale;             // gradient scale when scale_ptr is null
+  int64_t M;
+  int C;
+  int64_t ignore_index;
+  acc_t eps, z_loss, cap;
+  int chunk_slots;       // 16-byte slots a block (or a group) handles per row
+  int cluster;           // blocks per row (> 1 only on sm_90 with a cluster launch)
+  bool cache;            // keep the row in shared memory for the gradient pass
+};
+
+// What the per-element loop must read besides the logits (a template argument, so that the
+// common case keeps no registers for the others):
+//   kHard: class targets, no per-class weight in the loop (w[y] is one scalar; smoothing unweighted)
+//   kHardWeighted: class targets with label smoothing and weights (the smoothing term reads w_j)
+//   kSoft: probability targets (reads t_j, and w_j when weighted)
+enum Mode : int { kHard = 0, kHardWeighted = 1, kSoft = 2 };
+
+// Independent 16-byte loads of logits a thread keeps in flight before using the first.
+template <int MODE>
+struct Unroll {
+  static constexpr int value = MODE == kHard ? 4 : 2;
+};
+
+// Where one block (or group) works in its row: slots [0, nslots) start at element j_begin
+// (negative when the row is misaligned), valid elements are [jlo, jhi).
+struct Span {
+  int j_begin, jlo, jhi, nslots;
+};
+
+template <typename T>
+__device__ __forceinline__ Span row_span(const T* zrow, int C, int chunk_slots, int rank, int nchunks) {
+  constexpr int kVec = Pack<T>::kVec;
+  const int off = misalignment<T>(zrow);
+  const int end_a = C + off;  // one past the last element, in aligned coordinates
+  const int s_lo = rank * chunk_slots;
+  const int a_hi = rank + 1 == nchunks ? end_a : min(end_a, (s_lo + chunk_slots) * kVec);
+  Span sp;
+  sp.j_begin = s_lo * kVec - off;
+  sp.jlo = max(0, sp.j_begin);
+  sp.jhi = max(sp.jlo, a_hi - off);
+  sp.nslots = max(0, (a_hi + kVec - 1) / kVec - s_lo);
+  return sp;
+}
+
+// Per-row constants of the target distribution, shared by both passes.
+template <typename acc_t>
+struct TargetTerms {
+  int y;              // class index (class targets), -1 for soft targets
+  bool smooth_on;     // class targets with label smoothing
+  acc_t keep, uniform;  // soft targets: q_j = w_j * (keep * t_j + uniform)
+};
+
+// Loads one batch of U slots (logits, and the soft target / weights when the mode needs them).
+// Slots past the span and elements outside [jlo, jhi) read as -inf logits, so that the batch max
+// needs no mask.
+template <typename T, typename acc_t, int MODE, int U>
+__device__ __forceinline__ void load_batch(const RowParams<T, acc_t>& p, const T* zrow, const T* trow, const Span& sp,
+                                           int base, int nthreads, bool t_vec, bool w_vec, bool streaming,
+                                           const uint4* cache, uint4 (&raw)[U], uint4 (&traw)[U], uint4 (&wraw)[U]) {
+  constexpr int kVec = Pack<T>::kVec;
+  const T minus_inf = from_acc<T>(neg_inf<acc_t>());
+  const T zero = from_acc<T>(acc_t(0));
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int ls = base + u * nthreads;
+    const int j0 = sp.j_begin + ls * kVec;
+    const bool in = ls < sp.nslots;
+    const int hi = in ? sp.jhi : sp.jlo;  // slots past the span read as fill values only
+    if (cache != nullptr && in) {
+      raw[u] = cache[ls];
+    } else {
+      raw[u] = load_slot(zrow, j0, sp.jlo, hi, true, streaming, minus_inf);
+    }
+    if (MODE == kSoft) traw[u] = load_slot(trow, j0, sp.jlo, hi, t_vec, true, zero);
+    if (MODE == kHardWeighted || (MODE == kSoft && p.weight != nullptr))
+      wraw[u] = load_slot(p.weight, j0, sp.jlo, hi, w_vec, false, zero);
+  }
+}
+
+// True when every element of the batch starting at slot `base` is valid (the common case: only a
+// span's first and last slots can be partial).
+template <typename T>
+__device__ __forceinline__ bool batch_full(const Span& sp, int base, int nthreads, int U) {
+  constexpr int kVec = Pack<T>::kVec;
+  const int last = base + (U - 1) * nthreads;
+  return last < sp.nslots && sp.j_begin + base * kVec >= sp.jlo && sp.j_begin + (last + 1) * kVec <= sp.jhi;
+}
+
+// Pass 1 for one batch: online max / sum-exp and the target terms. FULL: no element is masked.
+template <typename T, typename acc_t, int MODE, bool FULL, int U>
+__device__ __forceinline__ void scan_batch(const RowParams<T, acc_t>& p, const TargetTerms<acc_t>& tt,
+                                           const Span& sp, int base, int nthreads, const uint4 (&raw)[U],
+                                           const uint4 (&traw)[U], const uint4 (&wraw)[U], Stats<acc_t>& st) {
+  constexpr int kVec = Pack<T>::kVec;
+  const acc_t cap = p.cap;
+  // softcap is increasing, so the max of the capped logits is the cap of the raw max (NaN stays NaN).
+  acc_t bmax = neg_inf<acc_t>();
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const Pack<T> zp = as_pack<T>(raw[u]);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) bmax = nan_max(bmax, to_acc(zp.v[e]));
+  }
+  const acc_t new_m = nan_max(st.m, softcap_value(bmax, cap));
+  // Until a finite logit is seen every exp below is 0; shifting by 0 avoids -inf - -inf.
+  const acc_t shift = new_m == neg_inf<acc_t>() ? acc_t(0) : new_m;
+  const acc_t shift_l2 = scaled_shift(shift);
+  acc_t s = st.s * acc_exp(st.m - shift);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int ls = base + u * nthreads;
+    const int j0 = sp.j_begin + ls * kVec;
+    const Pack<T> zp = as_pack<T>(raw[u]);
+    // Position of the target class in this slot, or -1 (a slot past the span may cover the class in
+    // another cluster block's share: that block reports it).
+    const int ey = (MODE != kSoft && (FULL || ls < sp.nslots) && tt.y >= j0 && tt.y < j0 + kVec) ? tt.y - j0 : -1;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const bool valid = FULL || (j0 + e >= sp.jlo && j0 + e < sp.jhi && ls < sp.nslots);
+      const acc_t zc = softcap_value(to_acc(zp.v[e]), cap);
+      const acc_t ex = exp_shifted(zc, shift_l2);
+      s += valid ? ex : acc_t(0);
+      if (MODE == kSoft) {
+        acc_t q = tt.keep * to_acc(as_pack<T>(traw[u]).v[e]) + tt.uniform;
+        if (p.weight != nullptr) q *= to_acc(as_pack<T>(wraw[u]).v[e]);
+        if (valid) {
+          st.qsum += q;
+          st.dot += weighted_logit(q, zc);
+        }
+      } else {
+        if (e == ey) st.zy = zc;
+        if (MODE == kHardWeighted) {
+          const acc_t w = to_acc(as_pack<T>(wraw[u]).v[e]);
+          if (valid) {
+            st.qsum += w;
+            st.dot += weighted_logit(w, zc);
+          }
+        } else if (tt.smooth_on && valid) {
+          st.dot += zc;
+        }
+      }
+    }
+  }
+  st.s = s;
+  st.m = new_m;
+}
+
+// Pass 1: the thread's share of the online max / sum-exp and the target terms, caching the raw
+// logits in `cache` (slot ls of this span at cache[ls]) when it is not null.
+template <typename T, typename acc_t, int MODE>
+__device__ __forceinline__ Stats<acc_t> scan_row(const RowParams<T, acc_t>& p, const TargetTerms<acc_t>& tt,
+                                                 const T* zrow, const T* trow, const Span& sp, int lane,
+                                                 int nthreads, uint4* cache) {
+  constexpr int U = Unroll<MODE>::value;
+  const bool t_vec = MODE == kSoft && misalignment<T>(trow) == misalignment<T>(zrow);
+  const bool w_vec = p.weight != nullptr && misalignment<T>(p.weight) == misalignment<T>(zrow);
+  Stats<acc_t> st = empty_stats<acc_t>();
+  for (int base = lane; base < sp.nslots; base += nthreads * U) {
+    uint4 raw[U], traw[U], wraw[U];
+    load_batch<T, acc_t, MODE, U>(p, zrow, trow, sp, base, nthreads, t_vec, w_vec, cache != nullptr, nullptr, raw,
+                                  traw, wraw);
+    if (cache != nullptr) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int ls = base + u * nthreads;
+        if (ls < sp.nslots) cache[ls] = raw[u];
+      }
+    }
+    if (batch_full<T>(sp, base, nthreads, U)) {
+      scan_batch<T, acc_t, MODE, true, U>(p, tt, sp, base, nthreads, raw, traw, wraw, st);
+    } else {
+      scan_batch<T, acc_t, MODE, false, U>(p, tt, sp, base, nthreads, raw, traw, wraw, st);
+    }
+  }
+  return st;
+}
+
+// Per-row scalars the gradient pass needs, with the reduction's scale folded in.
+template <typename acc_t>
+struct RowResult {
+  acc_t lse_l2;    // lse, pre-multiplied for exp_shifted
+  acc_t coef;      // scale * (sum_q + 2 z_loss lse)
+  acc_t target_q;  // scale * (1 - eps) * w_y
+  acc_t smooth;    // scale * eps / C
+  acc_t scale;     // the reduction's scale (soft targets)
+};
+
+// Pass 2: grad_j = scale * (coef * exp(zc_j - lse) - q_j) * chain_j, from the cached copy when
+// there is one (each thread reads back exactly the slots it wrote), else from global memory.
+template <typename T, typename acc_t, int MODE>
+__device__ __forceinline__ void write_grad(const RowParams<T, acc_t>& p, const TargetTerms<acc_t>& tt,
+                                           const T* zrow, const T* trow, T* grow, const Span& sp, int lane,
+                                           int nthreads, const uint4* cache, const RowResult<acc_t>& r) {
+  constexpr int kVec = Pack<T>::kVec;
+  constexpr int U = Unroll<MODE>::value;
+  const bool t_vec = MODE == kSoft && misalignment<T>(trow) == misalignment<T>(zrow);
+  const bool w_vec = p.weight != nullptr && misalignment<T>(p.weight) == misalignment<T>(zrow);
+  const bool g_vec = misalignment<T>(grow) == misalignment<T>(zrow);
+  const acc_t cap = p.cap;
+  for (int base = lane; base < sp.nslots; base += nthreads * U) {
+    uint4 raw[U], traw[U], wraw[U];
+    load_batch<T, acc_t, MODE, U>(p, zrow, trow, sp, base, nthreads, t_vec, w_vec, true, cache, raw, traw, wraw);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int ls = base + u * nthreads;
+      if (ls >= sp.nslots) continue;
+      const int j0 = sp.j_begin + ls * kVec;
+      const int ey = (MODE != kSoft && tt.y >= j0 && tt.y < j0 + kVec) ? tt.y - j0 : -1;
+      const Pack<T> zp = as_pack<T>(raw[u]);
+      Pack<T> out;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const acc_t zc = softcap_value(to_acc(zp.v[e]), cap);
+        acc_t q;
+        if (MODE == kSoft) {
+          q = tt.keep * to_acc(as_pack<T>(traw[u]).v[e]) + tt.uniform;
+          if (p.weight != nullptr) q *= to_acc(as_pack<T>(wraw[u]).v[e]);
+          q *= r.scale;
+        } else {
+          q = e == ey ? r.target_q : acc_t(0);
+          if (MODE == kHardWeighted) {
+            q += r.smooth * to_acc(as_pack<T>(wraw[u]).v[e]);
+          } else if (tt.smooth_on) {
+            q += r.smooth;
+          }
+        }
+        acc_t g = r.coef * exp_shifted(zc, r.lse_l2) - q;
+        if (cap > acc_t(0)) g *= softcap_chain(zc, cap);
+        out.v[e] = from_acc<T>(g);
+      }
+      store_slot(grow, j0, sp.jlo, sp.jhi, g_vec, out);
+    }
+  }
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ void fill_grad(T* grow, const T* zrow, const Span& sp, int lane, int nthreads, acc_t value) {
+  constexpr int kVec = Pack<T>::kVec;
+  const bool g_vec = misalignment<T>(grow) == misalignment<T>(zrow);
+  Pack<T> out;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) out.v[e] = from_acc<T>(value);
+  for (int ls = lane; ls < sp.nslots; ls += nthreads) store_slot(grow, sp.j_begin + ls * kVec, sp.jlo, sp.jhi, g_vec, out);
+}
+
+// The whole per-row computation for one thread of the group (or block / cluster) that owns the row.
+// reduce(stats) must return the group-wide combination, identical in every thread.
+template <typename T, typename acc_t, int MODE, typename Reduce>
+__device__ __forceinline__ void process_row(const RowParams<T, acc_t>& p, int64_t row, int rank, int lane,
+                                            int nthreads, uint4* cache, Reduce reduce) {
+  const int C = p.C;
+  const T* zrow = p.logits + row * C;
+  const T* trow = MODE == kSoft ? p.soft + row * C : nullptr;
+  T* grow = p.grad != nullptr ? p.grad + row * C : nullptr;
+  const Span sp = row_span(zrow, C, p.chunk_slots, rank, p.cluster);
+  const bool writer = rank == 0 && lane == 0;
+
+  TargetTerms<acc_t> tt;
+  tt.y = -1;
+  tt.smooth_on = MODE != kSoft && p.eps > acc_t(0);
+  tt.keep = acc_t(1) - p.eps;
+  tt.uniform = p.eps / static_cast<acc_t>(C);
+  acc_t wy = acc_t(1);
+  if (MODE != kSoft) {
+    const int64_t y = p.target[row];
+    if (y == p.ignore_index || y < 0 || y >= C) {
+      // Ignored: counts for nothing, whatever its logits hold (the row is not read). Out of range:
+      // the kernel cannot raise without a host sync, so the row is poisoned with NaN instead.
+      const acc_t v = y == p.ignore_index ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+      if (writer) {
+        p.row_loss[row] = v;
+        p.lse[row] = v;
+      }
+      if (grow != nullptr) fill_grad(grow, zrow, sp, lane, nthreads, v);
+      return;  // uniform over the whole group / block / cluster: no barrier is skipped by some only
+    }
+    tt.y = static_cast<int>(y);
+    if (p.weight != nullptr) wy = to_acc(p.weight[y]);
+  }
+
+  Stats<acc_t> st = scan_row<T, acc_t, MODE>(p, tt, zrow, trow, sp, lane, nthreads, grow ? cache : nullptr);
+  st = reduce(st);
+
+  const acc_t lse = st.m == neg_inf<acc_t>() ? neg_inf<acc_t>() : st.m + acc_log(st.s);
+  acc_t sum_q, q_dot_z, target_q = acc_t(0), smooth = acc_t(0);
+  if (MODE == kSoft) {
+    sum_q = st.qsum;
+    q_dot_z = st.dot;
+  } else {
+    const acc_t weight_total = MODE == kHardWeighted ? st.qsum : static_cast<acc_t>(C);
+    const HardTargetCoef<acc_t> k = hard_target_coef(p.eps, wy, weight_total, C);
+    target_q = k.target_q;
+    smooth = k.smooth;
+    sum_q = k.sum_q;
+    q_dot_z = weighted_logit(k.target_q, st.zy) + (tt.smooth_on ? k.smooth * st.dot : acc_t(0));
+  }
+  if (writer) {
+    p.row_loss[row] = row_loss(lse, sum_q, q_dot_z, p.z_loss);
+    p.lse[row] = lse;
+  }
+  if (grow != nullptr) {
+    const acc_t scale = p.scale_ptr != nullptr ? *p.scale_ptr : p.scale;
+    RowResult<acc_t> r;
+    r.lse_l2 = scaled_shift(lse);
+    r.coef = scale * softmax_coef(lse, sum_q, p.z_loss);
+    r.target_q = scale * target_q;
+    r.smooth = scale * smooth;
+    r.scale = scale;
+    write_grad<T, acc_t, MODE>(p, tt, zrow, trow, grow, sp, lane, nthreads, cache, r);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several short rows per block: a group of 2^log2_tpr threads (at most a warp) per row.
+template <typename T, typename acc_t, int MODE>
+__global__ void __launch_bounds__(kGroupBlockThreads, 3) xent_rows_group_kernel(const RowParams<T, acc_t> p,
+                                                                              const int log2_tpr) {
+  extern __shared__ uint4 smem[];
+  const int tpr = 1 << log2_tpr;
+  const int group = threadIdx.x >> log2_tpr;
+  const int lane = threadIdx.x & (tpr - 1);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> log2_tpr) + group;
+  if (row >= p.M) return;
+  // Shuffles involve only this group's lanes: other groups of the warp may be on other branches.
+  const unsigned mask = tpr == 32 ? 0xffffffffu : ((1u << tpr) - 1u) << ((threadIdx.x & 31) & ~(tpr - 1));
+  uint4* cache = p.cache ? smem + static_cast<int64_t>(group) * p.chunk_slots : nullptr;
+  process_row<T, acc_t, MODE>(p, row, 0, lane, tpr, cache,
+                              [&](const Stats<acc_t>& s) { return group_allreduce(s, mask, tpr); });
+}
+
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+// One block per row, or (p.cluster > 1, sm_90 only) a cluster of blocks per row, block `rank`
+// owning the rank-th share of the row's slots.
+template <typename T, typename acc_t, int MODE>
+__global__ void __launch_bounds__(kMaxRowBlockThreads, 4) xent_rows_block_kernel(const RowParams<T, acc_t> p) {
+  extern __shared__ uint4 smem[];
+  __shared__ Stats<acc_t> warp_stats[kMaxRowBlockThreads / 32];
+  __shared__ Stats<acc_t> block_stats;
+  __shared__ Stats<acc_t> row_stats;
+  const int nchunks = p.cluster;
+  const int64_t row = blockIdx.x / nchunks;
+  const int rank = static_cast<int>(blockIdx.x % nchunks);
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+  if (nchunks > 1) __trap();  // the host launches clusters only for sm_90 binaries
+#endif
+  bool clustered = false;
+  auto reduce = [&](Stats<acc_t> s) {
+    const int warp = threadIdx.x / 32;
+    const int nwarps = (blockDim.x + 31) / 32;
+    s = group_allreduce(s, 0xffffffffu, 32);
+    if ((threadIdx.x & 31) == 0) warp_stats[warp] = s;
+    __syncthreads();
+    Stats<acc_t> b = warp_stats[0];
+    for (int w = 1; w < nwarps; ++w) b = combine(b, warp_stats[w]);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (nchunks > 1) {
+      namespace cg = cooperative_groups;
+      cg::cluster_group cluster = cg::this_cluster();
+      if (threadIdx.x == 0) block_stats = b;
+      cluster_arrive();  // publishes block_stats to the cluster ...
+      cluster_wait();    // ... and waits for every block's
+      if (threadIdx.x == 0) {
+        Stats<acc_t> a = *cluster.map_shared_rank(&block_stats, 0);
+        for (int k = 1; k < nchunks; ++k) a = combine(a, *cluster.map_shared_rank(&block_stats, k));
+        row_stats = a;
+      }
+      // Done reading the other blocks' shared memory; the matching wait is at the end of the
+      // kernel, so that no block exits while another may still read it.
+      cluster_arrive();
+      clustered = true;
+      __syncthreads();
+      b = row_stats;
+    }
+#endif
+    return b;
+  };
+  process_row<T, acc_t, MODE>(p, row, rank, threadIdx.x, blockDim.x, p.cache ? smem : nullptr, reduce);
+  if (clustered) cluster_wait();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single-block, fixed-order reductions (deterministic; no atomics).
+
+template <typename acc_t, int kThreads>
+__device__ __forceinline__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t partial[kThreads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  acc_t total = acc_t(0);
+  for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
+  return total;
+}
+
+constexpr int kReduceThreads = 512;
+
+// The mean's gradient scale for class targets: 1 / sum over counted rows of w[y] (their count
+// without weights). Out-of-range rows are left out (their w[y] cannot be read; they are NaN anyway).
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads) xent_mean_scale_kernel(const int64_t* target, const T* weight,
+                                                                         int64_t M, int64_t C, int64_t ignore_index,
+                                                                         acc_t* scale) {
+  acc_t sum = acc_t(0);
+  for (int64_t i = threadIdx.x; i < M; i += kReduceThreads) {
+    const int64_t y = target[i];
+    if (y != ignore_index && y >= 0 && y < C) sum += weight != nullptr ? to_acc(weight[y]) : acc_t(1);
+  }
+  const acc_t total = block_sum<acc_t, kReduceThreads>(sum);
+  if (threadIdx.x == 0) *scale = acc_t(1) / total;  // 0 counted rows: inf, and the loss 0 * inf = NaN
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads) xent_sum_loss_kernel(const acc_t* row_loss, int64_t M,
+                                                                       const acc_t* scale_ptr, acc_t scale,
+                                                                       acc_t* out) {
+  acc_t sum = acc_t(0);
+  for (int64_t i = threadIdx.x; i < M; i += kReduceThreads) sum += row_loss[i];
+  const acc_t total = block_sum<acc_t, kReduceThreads>(sum);
+  if (threadIdx.x == 0) *out = total * (scale_ptr != nullptr ? *scale_ptr : scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+struct DeviceInfo {
+  int major = 0;
+  int max_smem_optin = 48 * 1024;
+};
+
+DeviceInfo device_info(int device) {
+  static std::mutex mutex;
+  static std::array<DeviceInfo, 64> cache;
+  static std::array<bool, 64> known{};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device >= 0 && device < 64 && known[device]) return cache[device];
+  DeviceInfo info;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (device >= 0 && device < 64) {
+    cache[device] = info;
+    known[device] = true;
+  }
+  return info;
+}
+
+// What the loaded binary of `kernel` was compiled for on `device` (e.g. 90), after letting it use up
+// to `smem` bytes of dynamic shared memory. Cached per kernel and device (kernels of one signature
+// share a function-pointer type, so the key is the pointer itself).
+int prepare_kernel(const void* kernel, int device, int smem) {
+  struct Entry {
+    int binary = 0;
+    int smem_set = 0;
+  };
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, Entry> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  Entry& entry = cache[{kernel, device}];
+  if (entry.binary == 0) {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    entry.binary = attr.binaryVersion;
+  }
+  if (smem > 48 * 1024 && smem > entry.smem_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    entry.smem_set = smem;
+  }
+  return entry.binary;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int pow2_at_least(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+int pow2_at_most(int64_t v) {
+  int p = 1;
+  while (p * 2 <= v) p *= 2;
+  return p;
+}
+
+template <typename T, typename acc_t, int MODE>
+void launch_rows(RowParams<T, acc_t> p, int device, cudaStream_t stream) {
+  constexpr int kVec = Pack<T>::kVec;
+  const DeviceInfo info = device_info(device);
+  const bool has_grad = p.grad != nullptr;
+  // Slots a row can span whatever its misalignment.
+  const int64_t row_slots = ceil_div(p.C + kVec - 1, kVec);
+
+  if (row_slots <= kGroupMaxSlots) {
+    // Short rows: a group of threads per row, about four slots a thread, several rows a block.
+    const int tpr = std::min(32, pow2_at_least(ceil_div(row_slots, kUnroll)));
+    int log2_tpr = 0;
+    while ((1 << log2_tpr) < tpr) ++log2_tpr;
+    const int rows_per_block = kGroupBlockThreads / tpr;
+    p.chunk_slots = static_cast<int>(row_slots);
+    p.cluster = 1;
+    p.cache = has_grad;
+    const int smem = has_grad ? static_cast<int>(rows_per_block * row_slots * 16) : 0;
+    auto kernel = xent_rows_group_kernel<T, acc_t, MODE>;
+    prepare_kernel(reinterpret_cast<const void*>(kernel), device, smem);
+    const int64_t blocks = ceil_div(p.M, rows_per_block);
+    TORCH_CHECK(blocks < std::numeric_limits<int32_t>::max(), "torch_xent: too many rows for one launch (", p.M, ")");
+    kernel<<<static_cast<unsigned>(blocks), kGroupBlockThreads, smem, stream>>>(p, log2_tpr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  auto kernel = xent_rows_block_kernel<T, acc_t, MODE>;
+  const int binary = prepare_kernel(reinterpret_cast<const void*>(kernel), device, 0);
+  const int64_t row_bytes = row_slots * 16;
+  int cluster = 1;
+  // A row that does not fit one block's share is split over a cluster, so that it is still read
+  // from memory once. Without a gradient the row is read once anyway: no cluster needed.
+  if (has_grad && info.major >= 9 && binary >= 90 && row_bytes > kTargetChunkBytes) {
+    cluster = static_cast<int>(std::min<int64_t>(kMaxCluster, ceil_div(row_bytes, kTargetChunkBytes)));
+  }
+  const int64_t chunk_slots = ceil_div(row_slots, cluster);
+  // Leave room for the block's static shared memory (the reduction scratch).
+  const int64_t smem_cap = info.max_smem_optin - 2048;
+  const bool cache = has_grad && chunk_slots * 16 <= smem_cap;
+  const int smem = cache ? static_cast<int>(chunk_slots * 16) : 0;
+  const int threads =
+      static_cast<int>(std::max<int64_t>(64, std::min<int64_t>(kMaxRowBlockThreads, pow2_at_most(chunk_slots / 8))));
+  p.chunk_slots = static_cast<int>(chunk_slots);
+  p.cluster = cluster;
+  p.cache = cache;
+  prepare_kernel(reinterpret_cast<const void*>(kernel), device, smem);
+  TORCH_CHECK(p.M * cluster < std::numeric_limits<int32_t>::max(),
+              "torch_xent: too many rows for one launch (", p.M, ")");
+  if (cluster == 1) {
+    kernel<<<static_cast<unsigned>(p.M), threads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(p.M * cluster), 1, 1);
+  config.blockDim = dim3(threads, 1, 1);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                  int64_t reduction, double label_smoothing, double softcap) {
+  TORCH_CHECK(logits.is_cuda(), "torch_xent::cross_entropy_forward (CUDA): logits must be a CUDA tensor");
+  TORCH_CHECK(logits.dim() == 2, "torch_xent::cross_entropy_forward: logits must be 2-D (M, C), got ",
+              logits.dim(), "-D");
+  TORCH_CHECK(logits.is_contiguous(), "torch_xent::cross_entropy_forward: logits must be contiguous");
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "torch_xent::cross_entropy_forward: logits must be float16, bfloat16, float32 or float64, got ",
+              dtype);
+  const int64_t M = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(C > 0 || M == 0, "torch_xent::cross_entropy_forward: logits have no classes (C == 0)");
+  // In-row indices are 32-bit on the GPU (row offsets are 64-bit): a row of 2^31 classes is beyond any use.
+  TORCH_CHECK(C < std::numeric_limits<int32_t>::max() - 64,
+              "torch_xent::cross_entropy_forward (CUDA): at most 2^31 - 65 classes are supported, got ", C);
+  TORCH_CHECK(target.device() == logits.device(), "torch_xent::cross_entropy_forward: target is on ",
+              target.device(), " but logits are on ", logits.device());
+  if (target.is_floating_point()) {
+    TORCH_CHECK(target.scalar_type() == dtype, "torch_xent::cross_entropy_forward: probability target must have "
+                "the logits' dtype ", dtype, ", got ", target.scalar_type());
+    TORCH_CHECK(target.sizes() == logits.sizes(), "torch_xent::cross_entropy_forward: probability target must "
+                "have the logits' shape ", logits.sizes(), ", got ", target.sizes());
+    TORCH_CHECK(target.is_contiguous(), "torch_xent::cross_entropy_forward: target must be contiguous");
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, "torch_xent::cross_entropy_forward: class target must be "
+                "int64, got ", target.scalar_type());
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == M, "torch_xent::cross_entropy_forward: class target must "
+                "have shape (", M, "), got ", target.sizes());
+    TORCH_CHECK(target.is_contiguous(), "torch_xent::cross_entropy_forward: target must be contiguous");
+  }
+  if (weight.has_value() && weight->defined()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK(w.device() == logits.device(), "torch_xent::cross_entropy_forward: weight is on ", w.device(),
+                " but logits are on ", logits.device());
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == C, "torch_xent::cross_entropy_forward: weight must have shape (",
+                C, "), got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == dtype, "torch_xent::cross_entropy_forward: weight must have the logits' dtype ",
+                dtype, ", got ", w.scalar_type());
+    TORCH_CHECK(w.is_contiguous(), "torch_xent::cross_entropy_forward: weight must be contiguous");
+  }
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "torch_xent::cross_entropy_forward: reduction must be 0 (none), "
+              "1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+  TORCH_CHECK(softcap >= 0.0, "torch_xent::cross_entropy_forward: softcap must be >= 0 (0 means off), got ",
+              softcap);
+}
+
+// Runs the forward; writes the gradient into `grad` when it is defined (a new buffer, or the
+// logits themselves for the in-place op). Returns (loss, lse).
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t reduction,
+                                                int64_t ignore_index, double label_smoothing, double z_loss,
+                                                double softcap, const at::Tensor& grad) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t M = logits.size(0), C = logits.size(1);
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_opts = logits.options().dtype(acc_type);
+  const bool soft = target.is_floating_point();
+  at::Tensor lse = at::empty({M}, acc_opts);
+  if (M == 0) {
+    at::Tensor loss = reduction == kReductionNone ? at::empty({0}, acc_opts)
+                      : reduction == kReductionSum ? at::zeros({}, acc_opts)
+                                                   : at::full({}, std::numeric_limits<double>::quiet_NaN(), acc_opts);
+    return {loss, lse};
+  }
+  at::Tensor row_loss = at::empty({M}, acc_opts);
+  at::Tensor loss = reduction == kReductionNone ? row_loss : at::empty({}, acc_opts);
+  const bool has_weight = weight.has_value() && weight->defined();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index());
+  const int device = logits.device().index();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "torch_xent_forward_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    using acc_t = typename AccOf<T>::type;
+    RowParams<T, acc_t> p{};
+    p.logits = reinterpret_cast<const T*>(logits.const_data_ptr<scalar_t>());
+    p.grad = grad.defined() ? reinterpret_cast<T*>(grad.mutable_data_ptr<scalar_t>()) : nullptr;
+    p.target = soft ? nullptr : target.const_data_ptr<int64_t>();
+    p.soft = soft ? reinterpret_cast<const T*>(target.const_data_ptr<scalar_t>()) : nullptr;
+    p.weight = has_weight ? reinterpret_cast<const T*>(weight->const_data_ptr<scalar_t>()) : nullptr;
+    p.row_loss = row_loss.mutable_data_ptr<acc_t>();
+    p.lse = lse.mutable_data_ptr<acc_t>();
+    p.M = M;
+    p.C = static_cast<int>(C);
+    p.ignore_index = ignore_index;
+    p.eps = static_cast<acc_t>(label_smoothing);
+    p.z_loss = static_cast<acc_t>(z_loss);
+    p.cap = static_cast<acc_t>(softcap);
+    p.scale = acc_t(1);
+    p.scale_ptr = nullptr;
+    at::Tensor scale_buffer;
+    if (reduction == kReductionMean) {
+      if (soft) {
+        p.scale = acc_t(1) / static_cast<acc_t>(M);
+      } else {
+        scale_buffer = at::empty({}, acc_opts);
+        xent_mean_scale_kernel<T, acc_t><<<1, kReduceThreads, 0, stream>>>(
+            p.target, p.weight, M, C, ignore_index, scale_buffer.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        p.scale_ptr = scale_buffer.const_data_ptr<acc_t>();
+      }
+    }
+    if (soft) {
+      launch_rows<T, acc_t, kSoft>(p, device, stream);
+    } else if (has_weight && label_smoothing > 0.0) {
+      launch_rows<T, acc_t, kHardWeighted>(p, device, stream);
+    } else {
+      launch_rows<T, acc_t, kHard>(p, device, stream);
+    }
+    if (reduction != kReductionNone) {
+      xent_sum_loss_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(p.row_loss, M, p.scale_ptr, p.scale,
+                                                                      loss.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool compute_grad) {
+  check_inputs(logits, target, weight, reduction, label_smoothing, softcap);
+  at::Tensor grad = compute_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous) : logits.new_empty({0});
+  auto [loss, lse] = forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                                  compute_grad ? grad : at::Tensor());
+  return {loss, lse, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_inplace_cuda(
+    at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  check_inputs(logits, target, weight, reduction, label_smoothing, softcap);
+  TORCH_CHECK(!target.is_floating_point() || !target.is_same(logits),
+              "torch_xent::cross_entropy_forward_inplace: target must not share the logits' storage");
+  return forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, logits);
+}
+
+}  // namespace
+}  // namespace torch_xent
+
+TORCH_LIBRARY_IMPL(torch_xent, CUDA, m) {
+  m.impl("cross_entropy_forward", &torch_xent::cross_entropy_forward_cuda);
+  m.impl("cross_entropy_forward_inplace", &torch_xent::cross_entropy_forward_inplace_cuda);
+}
