@@ -37,11 +37,17 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
         return False
 
 
+_AVAILABLE: dict = {}
+
+
 def native_available(device="cpu") -> bool:
     """True when the compiled kernel for ``device`` (a torch.device, or a string such as "cuda") is built."""
-    dev = torch.device(device)
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev.type)
-    return key is not None and _has_kernel("cross_entropy_forward", key)
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    found = _AVAILABLE.get(dev_type)
+    if found is None:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev_type)
+        found = _AVAILABLE[dev_type] = key is not None and _has_kernel("cross_entropy_forward", key)
+    return found
 
 
 def cuda_version() -> int:
