@@ -1,10 +1,11 @@
 // CUDA kernels for torch_xent::cross_entropy_forward(_inplace). Design notes: docs/cuda.md.
 //
 // One launch reads each row of logits once: an online max / sum-exp pass that also keeps the row
-// on chip (shared memory), then the gradient is written from that copy. Rows that do not fit in
-// one block's shared memory are split over a thread-block cluster (Hopper): each block keeps its
-// share and the blocks exchange their partial sums through distributed shared memory. Only rows
-// too large even for that (or pre-Hopper GPUs with large rows) read their logits a second time.
+// on chip (shared memory), then the gradient is written from that copy. Rows too large for one
+// block's shared memory read their logits a second time for the gradient. An opt-in path
+// (TORCH_XENT_CUDA_MAX_CLUSTER > 1, sm_90 only) splits such rows over a thread-block cluster whose
+// blocks exchange partial sums through distributed shared memory; it is off by default because it
+// has not been run on hardware yet (docs/cuda.md says what was validated).
 //
 // Reductions are deterministic: fixed-order trees in every kernel, per-row losses in a buffer that
 // a single block sums, and no floating-point atomics. The mean's denominator is computed on the
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -48,7 +50,7 @@ constexpr int kMaxRowBlockThreads = 256;
 // A row (or a cluster block's share of it) is kept in shared memory up to this many bytes a
 // block: three such blocks fit in a Hopper SM, so one block's loads overlap another's stores.
 constexpr int64_t kTargetChunkBytes = 64 * 1024;
-// Portable cluster size limit.
+// Portable cluster size limit (the opt-in cluster path; the default is 1: no clusters).
 constexpr int kMaxCluster = 8;
 // Rows of at most this many 16-byte slots go to the several-rows-per-block kernel.
 constexpr int64_t kGroupMaxSlots = 128;
@@ -76,13 +78,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-// exp(z - shift) as one FMA and one ex2.approx for float (relative error ~1e-6 where it matters:
-// tiny probabilities flush to 0), exactly for double. The shift is given as shift * log2(e).
-constexpr float kLog2e = 1.4426950408889634f;
-__device__ __forceinline__ float scaled_shift(float shift) { return shift * kLog2e; }
-__device__ __forceinline__ double scaled_shift(double shift) { return shift; }
-__device__ __forceinline__ float exp_shifted(float z, float shift_l2) { return exp2f(fmaf(z, kLog2e, -shift_l2)); }
-__device__ __forceinline__ double exp_shifted(double z, double shift) { return ::exp(z - shift); }
+// The exponent is always formed as a difference first (z - shift, exact when both are large and
+// close) and only then scaled: pre-scaling the shift by log2(e) would round a 1e4 logit's shift by
+// ~1e-3 and cost float32 logits of that magnitude three digits of their loss.
 __device__ __forceinline__ float acc_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return ::exp(x); }
 __device__ __forceinline__ float acc_log(float x) { return ::logf(x); }
@@ -97,6 +95,24 @@ __device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
+}
+
+// The value a partial result's exponentials and target dot product are taken relative to: its max,
+// or 0 while it has seen nothing but -inf (so that -inf - -inf never occurs).
+template <typename acc_t>
+__device__ __forceinline__ acc_t ref_of(acc_t m) {
+  return m == neg_inf<acc_t>() ? acc_t(0) : m;
+}
+
+// Products that must not be contracted into an FMA with a neighbouring addition: a * x + b * y
+// contracted is not symmetric in (a, b), and a butterfly needs every lane to get the same bits.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// sum_j q_j (zc_j - from) re-expressed relative to `to`, given sum_j q_j = qsum.
+template <typename acc_t>
+__device__ __forceinline__ acc_t rebase_dot(acc_t dot, acc_t qsum, acc_t from, acc_t to) {
+  return to == from ? dot : dot - mul_rn(qsum, to - from);
 }
 
 // 16 bytes of T: the unit of every global load and store on the fast path.
@@ -161,8 +177,10 @@ __device__ __forceinline__ int misalignment(const void* ptr) {
 
 // ---------------------------------------------------------------------------------------------
 // Per-row partial results, merged in a fixed order so that the result is the same on every run.
-//   m, s: running max and sum of exp(zc - m);  dot: sum_j q_j zc_j (its smoothing part for class
-//   targets);  qsum: sum_j q_j (soft) or sum_j w_j (class targets with smoothing and weights);
+//   m, s: running max and sum of exp(zc - m);  dot: sum_j q_j (zc_j - ref_of(m)) (its smoothing
+//   part for class targets), kept relative to the max like the loss (see row_loss_shifted);
+//   qsum: sum_j q_j (soft), sum_j w_j (class targets with smoothing and weights) or the count of
+//   classes seen (class targets with unweighted smoothing): what `dot` needs to be rebased;
 //   zy: the capped target logit (class targets; exactly one thread holds it, others hold 0).
 template <typename acc_t>
 struct Stats {
@@ -181,10 +199,11 @@ __device__ __forceinline__ Stats<acc_t> combine(const Stats<acc_t>& a, const Sta
   if (r.m == neg_inf<acc_t>()) {
     r.s = acc_t(0);  // both empty so far: avoid exp(-inf - -inf)
   } else {
-    // Commutative in IEEE arithmetic, so a butterfly leaves every lane with the same bits.
-    r.s = a.s * acc_exp(a.m - r.m) + b.s * acc_exp(b.m - r.m);
+    // Commutative in IEEE arithmetic (no FMA), so a butterfly leaves every lane with the same bits.
+    r.s = mul_rn(a.s, acc_exp(a.m - r.m)) + mul_rn(b.s, acc_exp(b.m - r.m));
   }
-  r.dot = a.dot + b.dot;
+  const acc_t ref = ref_of(r.m);
+  r.dot = rebase_dot(a.dot, a.qsum, ref_of(a.m), ref) + rebase_dot(b.dot, b.qsum, ref_of(b.m), ref);
   r.qsum = a.qsum + b.qsum;
   r.zy = a.zy + b.zy;
   return r;
@@ -320,8 +339,8 @@ __device__ __forceinline__ void scan_batch(const RowParams<T, acc_t>& p, const T
   }
   const acc_t new_m = nan_max(st.m, softcap_value(bmax, cap));
   // Until a finite logit is seen every exp below is 0; shifting by 0 avoids -inf - -inf.
-  const acc_t shift = new_m == neg_inf<acc_t>() ? acc_t(0) : new_m;
-  const acc_t shift_l2 = scaled_shift(shift);
+  const acc_t shift = ref_of(new_m);
+  st.dot = rebase_dot(st.dot, st.qsum, ref_of(st.m), shift);
   acc_t s = st.s * acc_exp(st.m - shift);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -335,14 +354,15 @@ __device__ __forceinline__ void scan_batch(const RowParams<T, acc_t>& p, const T
     for (int e = 0; e < kVec; ++e) {
       const bool valid = FULL || (j0 + e >= sp.jlo && j0 + e < sp.jhi && ls < sp.nslots);
       const acc_t zc = softcap_value(to_acc(zp.v[e]), cap);
-      const acc_t ex = exp_shifted(zc, shift_l2);
+      const acc_t zs = zc - shift;
+      const acc_t ex = acc_exp(zs);
       s += valid ? ex : acc_t(0);
       if (MODE == kSoft) {
         acc_t q = tt.keep * to_acc(as_pack<T>(traw[u]).v[e]) + tt.uniform;
         if (p.weight != nullptr) q *= to_acc(as_pack<T>(wraw[u]).v[e]);
         if (valid) {
           st.qsum += q;
-          st.dot += weighted_logit(q, zc);
+          st.dot += weighted_logit(q, zs);
         }
       } else {
         if (e == ey) st.zy = zc;
@@ -350,10 +370,11 @@ __device__ __forceinline__ void scan_batch(const RowParams<T, acc_t>& p, const T
           const acc_t w = to_acc(as_pack<T>(wraw[u]).v[e]);
           if (valid) {
             st.qsum += w;
-            st.dot += weighted_logit(w, zc);
+            st.dot += weighted_logit(w, zs);
           }
         } else if (tt.smooth_on && valid) {
-          st.dot += zc;
+          st.qsum += acc_t(1);
+          st.dot += zs;
         }
       }
     }
@@ -395,7 +416,8 @@ __device__ __forceinline__ Stats<acc_t> scan_row(const RowParams<T, acc_t>& p, c
 // Per-row scalars the gradient pass needs, with the reduction's scale folded in.
 template <typename acc_t>
 struct RowResult {
-  acc_t lse_l2;    // lse, pre-multiplied for exp_shifted
+  acc_t ref;       // the row max (0 for a row of -inf), and log sum_j exp(zc_j - ref):
+  acc_t log_sum;   // p_j = exp((zc_j - ref) - log_sum), exact for logits of large magnitude
   acc_t coef;      // scale * (sum_q + 2 z_loss lse)
   acc_t target_q;  // scale * (1 - eps) * w_y
   acc_t smooth;    // scale * eps / C
@@ -441,7 +463,7 @@ __device__ __forceinline__ void write_grad(const RowParams<T, acc_t>& p, const T
             q += r.smooth;
           }
         }
-        acc_t g = r.coef * exp_shifted(zc, r.lse_l2) - q;
+        acc_t g = r.coef * acc_exp((zc - r.ref) - r.log_sum) - q;
         if (cap > acc_t(0)) g *= softcap_chain(zc, cap);
         out.v[e] = from_acc<T>(g);
       }
@@ -498,7 +520,10 @@ __device__ __forceinline__ void process_row(const RowParams<T, acc_t>& p, int64_
   Stats<acc_t> st = scan_row<T, acc_t, MODE>(p, tt, zrow, trow, sp, lane, nthreads, grow ? cache : nullptr);
   st = reduce(st);
 
-  const acc_t lse = st.m == neg_inf<acc_t>() ? neg_inf<acc_t>() : st.m + acc_log(st.s);
+  // Everything relative to the row max, as PyTorch's log_softmax does (row_loss_shifted).
+  const acc_t ref = ref_of(st.m);
+  const acc_t log_sum = acc_log(st.s);
+  const acc_t lse = st.m == neg_inf<acc_t>() ? neg_inf<acc_t>() : st.m + log_sum;
   acc_t sum_q, q_dot_z, target_q = acc_t(0), smooth = acc_t(0);
   if (MODE == kSoft) {
     sum_q = st.qsum;
@@ -509,16 +534,17 @@ __device__ __forceinline__ void process_row(const RowParams<T, acc_t>& p, int64_
     target_q = k.target_q;
     smooth = k.smooth;
     sum_q = k.sum_q;
-    q_dot_z = weighted_logit(k.target_q, st.zy) + (tt.smooth_on ? k.smooth * st.dot : acc_t(0));
+    q_dot_z = weighted_logit(k.target_q, st.zy - ref) + (tt.smooth_on ? k.smooth * st.dot : acc_t(0));
   }
   if (writer) {
-    p.row_loss[row] = row_loss(lse, sum_q, q_dot_z, p.z_loss);
+    p.row_loss[row] = row_loss_shifted(log_sum, lse, sum_q, q_dot_z, p.z_loss);
     p.lse[row] = lse;
   }
   if (grow != nullptr) {
     const acc_t scale = p.scale_ptr != nullptr ? *p.scale_ptr : p.scale;
     RowResult<acc_t> r;
-    r.lse_l2 = scaled_shift(lse);
+    r.ref = ref;
+    r.log_sum = log_sum;
     r.coef = scale * softmax_coef(lse, sum_q, p.z_loss);
     r.target_q = scale * target_q;
     r.smooth = scale * smooth;
@@ -545,17 +571,10 @@ __global__ void __launch_bounds__(kGroupBlockThreads, 3) xent_rows_group_kernel(
                               [&](const Stats<acc_t>& s) { return group_allreduce(s, mask, tpr); });
 }
 
-__device__ __forceinline__ void cluster_arrive() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
 #endif
-}
-
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
 
 // One block per row, or (p.cluster > 1, sm_90 only) a cluster of blocks per row, block `rank`
 // owning the rank-th share of the row's slots.
@@ -603,7 +622,11 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads, 4) xent_rows_block_kernel
     return b;
   };
   process_row<T, acc_t, MODE>(p, row, rank, threadIdx.x, blockDim.x, p.cache ? smem : nullptr, reduce);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (clustered) cluster_wait();
+#else
+  (void)clustered;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -697,6 +720,22 @@ int prepare_kernel(const void* kernel, int device, int smem) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Tuning and testing knobs, read at each call (documented in docs/cuda.md):
+//   TORCH_XENT_CUDA_CHUNK_KB     bytes of a row one block keeps in shared memory before a row is
+//                                split over a cluster (default 64)
+//   TORCH_XENT_CUDA_MAX_CLUSTER  largest cluster, up to 8 (default 1: no clusters; the cluster
+//                                path is opt-in until it has been validated on a Hopper GPU)
+//   TORCH_XENT_CUDA_CACHE        0 makes the gradient pass re-read the logits instead of keeping
+//                                them on chip (the path of rows too large for shared memory)
+int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long parsed = std::strtoll(v, &end, 10);
+  if (end == v) return fallback;
+  return std::min<int64_t>(hi, std::max<int64_t>(lo, parsed));
+}
+
 int pow2_at_least(int64_t v) {
   int p = 1;
   while (p < v) p *= 2;
@@ -739,16 +778,18 @@ void launch_rows(RowParams<T, acc_t> p, int device, cudaStream_t stream) {
   auto kernel = xent_rows_block_kernel<T, acc_t, MODE>;
   const int binary = prepare_kernel(reinterpret_cast<const void*>(kernel), device, 0);
   const int64_t row_bytes = row_slots * 16;
+  const int64_t target_chunk = env_int("TORCH_XENT_CUDA_CHUNK_KB", kTargetChunkBytes / 1024, 4, 1024) * 1024;
+  const int64_t max_cluster = env_int("TORCH_XENT_CUDA_MAX_CLUSTER", 1, 1, kMaxCluster);
   int cluster = 1;
   // A row that does not fit one block's share is split over a cluster, so that it is still read
   // from memory once. Without a gradient the row is read once anyway: no cluster needed.
-  if (has_grad && info.major >= 9 && binary >= 90 && row_bytes > kTargetChunkBytes) {
-    cluster = static_cast<int>(std::min<int64_t>(kMaxCluster, ceil_div(row_bytes, kTargetChunkBytes)));
+  if (has_grad && info.major >= 9 && binary >= 90 && row_bytes > target_chunk) {
+    cluster = static_cast<int>(std::min<int64_t>(max_cluster, ceil_div(row_bytes, target_chunk)));
   }
   const int64_t chunk_slots = ceil_div(row_slots, cluster);
   // Leave room for the block's static shared memory (the reduction scratch).
   const int64_t smem_cap = info.max_smem_optin - 2048;
-  const bool cache = has_grad && chunk_slots * 16 <= smem_cap;
+  const bool cache = has_grad && chunk_slots * 16 <= smem_cap && env_int("TORCH_XENT_CUDA_CACHE", 1, 0, 1) == 1;
   const int smem = cache ? static_cast<int>(chunk_slots * 16) : 0;
   const int threads =
       static_cast<int>(std::max<int64_t>(64, std::min<int64_t>(kMaxRowBlockThreads, pow2_at_most(chunk_slots / 8))));
