@@ -1,0 +1,167 @@
+"""vocab_parallel_cross_entropy in real processes (gloo over TCP on 127.0.0.1) against single-process
+F.cross_entropy on the full logits: values and each rank's slice of the gradient."""
+
+import datetime
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from torch_xent.parallel import vocab_parallel_cross_entropy
+
+N, V = 13, 23
+SHARDS = {2: [9, 14], 3: [5, 11, 7]}  # uneven on purpose
+CASES = [
+    dict(reduction=r, label_smoothing=eps, z_loss=zl, ignore=ig, dtype=dt)
+    for r in ("mean", "sum", "none")
+    for eps in (0.0, 0.2)
+    for zl in (0.0, 1e-2)
+    for ig in (False, True)
+    for dt in (torch.float64,)
+] + [
+    dict(reduction="mean", label_smoothing=0.1, z_loss=1e-3, ignore=True, dtype=torch.float32),
+    dict(reduction="none", label_smoothing=0.0, z_loss=0.0, ignore=True, dtype=torch.bfloat16),
+    dict(reduction="mean", label_smoothing=0.0, z_loss=0.0, ignore="all", dtype=torch.float64),
+    dict(reduction="sum", label_smoothing=0.3, z_loss=0.0, ignore=False, dtype=torch.float64, big=True),
+]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _expected(logits, target, case):
+    """F.cross_entropy plus an independently computed z-loss term."""
+    loss = F.cross_entropy(logits, target, ignore_index=-100, reduction="none",
+                           label_smoothing=case["label_smoothing"])
+    if case["z_loss"]:
+        valid = (target != -100).to(logits.dtype)
+        loss = loss + case["z_loss"] * torch.logsumexp(logits, dim=1) ** 2 * valid
+    if case["reduction"] == "none":
+        return loss
+    total = loss.sum()
+    if case["reduction"] == "mean":
+        total = total / (target != -100).sum()
+    return total
+
+
+def _make(case, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    if case.get("big"):
+        logits = logits + 1e4  # needs the max-shifted sums
+    target = torch.randint(0, V, (N,), generator=g)
+    if case["ignore"] is True:
+        target[::4] = -100
+    elif case["ignore"] == "all":
+        target[:] = -100
+    grad_out = torch.randn(N, generator=g, dtype=torch.float64) if case["reduction"] == "none" \
+        else torch.tensor(1.7, dtype=torch.float64)
+    return logits, target, grad_out
+
+
+def _check_case(rank, world, case, seed):
+    dt = case["dtype"]
+    logits, target, grad_out = _make(case, seed)
+    sizes = SHARDS[world]
+    lo = sum(sizes[:rank])
+    full = logits.to(dt).to(torch.float64).clone().requires_grad_()
+    want = _expected(full, target, case)
+    (want * grad_out).sum().backward()
+    shard = logits.to(dt)[:, lo:lo + sizes[rank]].detach().clone().requires_grad_()
+    got = vocab_parallel_cross_entropy(shard, target, reduction=case["reduction"],
+                                       label_smoothing=case["label_smoothing"], z_loss=case["z_loss"])
+    assert got.dtype == dt
+    (got.to(torch.float64) * grad_out).sum().backward()
+    tol = TOL[dt]
+    scale = max(1.0, float(want.detach().abs().nan_to_num().max()))
+    torch.testing.assert_close(got.detach().to(torch.float64), want.detach(), atol=tol * scale, rtol=tol,
+                               equal_nan=True)
+    want_grad = full.grad[:, lo:lo + sizes[rank]]
+    if case["ignore"] == "all":
+        want_grad = torch.zeros_like(want_grad)  # PyTorch's 0/0 gives NaN here; we keep ignored rows at 0
+    torch.testing.assert_close(shard.grad.to(torch.float64), want_grad, atol=tol, rtol=tol)
+
+
+def _worker(rank, world, port, results):
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        torch.set_num_threads(1)
+        failures = []
+        for i, case in enumerate(CASES):
+            try:
+                _check_case(rank, world, case, seed=100 + i)
+            except Exception:  # noqa: BLE001 - collect every failing case, not only the first
+                failures.append(f"case {case}: {traceback.format_exc(limit=3)}")
+        # The loss is the same on every rank: compare rank 0's value with everyone's.
+        logits, target, _ = _make(CASES[0], 7)
+        sizes = SHARDS[world]
+        lo = sum(sizes[:rank])
+        loss = vocab_parallel_cross_entropy(logits[:, lo:lo + sizes[rank]], target, label_smoothing=0.1)
+        gathered = [torch.empty_like(loss) for _ in range(world)]
+        dist.all_gather(gathered, loss)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            failures.append(f"loss differs across ranks: {gathered}")
+        dist.barrier()
+        dist.destroy_process_group()
+        results.put((rank, failures))
+    except Exception:  # noqa: BLE001
+        results.put((rank, [traceback.format_exc()]))
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process(world):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 120
+    reports = {}
+    try:
+        while len(reports) < world and time.monotonic() < deadline:
+            try:
+                rank, failures = results.get(timeout=1.0)
+                reports[rank] = failures
+            except Exception:  # noqa: BLE001 - queue.Empty: poll again
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    assert len(reports) == world, f"only ranks {sorted(reports)} reported (hang or crash); exit codes " \
+                                  f"{[p.exitcode for p in procs]}"
+    problems = [f"rank {r}: {f}" for r in sorted(reports) for f in reports[r]]
+    assert not problems, "\n".join(problems)
+
+
+def test_without_process_group_is_plain_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 7, (4, 3), generator=g)
+    target[0, 1] = -100
+    got = vocab_parallel_cross_entropy(logits, target, label_smoothing=0.1, z_loss=0.0)
+    want = F.cross_entropy(logits.reshape(-1, 7), target.reshape(-1), label_smoothing=0.1)
+    torch.testing.assert_close(got, want)
+    (gg,) = torch.autograd.grad(got, logits)
+    (wg,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(gg, wg)
+
+
+def test_bad_target_raises():
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([1, 9]))
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]), reduction="avg")
