@@ -248,14 +248,14 @@ def test_check_grad_differences_are_small(tmp_path):
     assert "max |manual - finite difference|" in proc.stdout
 
 
-def test_impl_torch_gives_the_same_training(tmp_path):
-    run_train(tmp_path / "torch", "--impl", "torch", "--epochs", 3)
-    run_train(tmp_path / "reference", "--impl", "reference", "--epochs", 3)
-    a, b = events(tmp_path / "torch"), events(tmp_path / "reference")
-    for tag in ("train/loss", "train/lse", "train/entropy", "val/loss"):
+def test_impl_torch_gives_the_same_training(default_run, tmp_path):
+    """F.cross_entropy in place of torch_xent: the same run, step by step, up to rounding."""
+    run_train(tmp_path, "--impl", "torch")
+    a, b = events(tmp_path), default_run[2]
+    for tag in ("train/loss", "train/lse", "train/entropy", "train/p_target", "val/loss"):
         sa, sb = series(a, tag), series(b, tag)
         assert [s for s, _ in sa] == [s for s, _ in sb]
-        assert [v for _, v in sa] == pytest.approx([v for _, v in sb], rel=1e-5, abs=1e-6), tag
+        assert [v for _, v in sa] == pytest.approx([v for _, v in sb], rel=1e-4, abs=1e-6), tag
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
@@ -301,7 +301,7 @@ def test_sigkill_never_leaves_a_torn_checkpoint(tmp_path):
     settings = ("--dataset", "synthetic", "--num-classes", 2048, "--samples-per-class", 1, "--batch-size", 1024,
                 "--epochs", 400)
     rng = random.Random(0)
-    for attempt in range(3):
+    for attempt in range(2):
         resume = ("--resume",) if (tmp_path / "checkpoint.pt").exists() else ()
         proc = start_train(tmp_path, *settings, *resume)
         wait_for_line(proc, "train loss")
