@@ -76,6 +76,9 @@ export TORCH_XENT_REQUIRE_EXT=1 TORCH_XENT_BUILD_CUDA=1 PATH="$(cd "$(dirname "$
 log="$venv/build.log"
 if ! (cd "$src" && ../bin/python setup.py build_ext --inplace --build-temp ../build) >"$log" 2>&1; then
   cat "$log"
+  if grep -q "C++20 or later compatible compiler is required" "$log"; then
+    echo "cuda_build_check: this torch needs C++20: setup.py must not force an older -std (let torch choose)"
+  fi
   echo "cuda_build_check: FAILED: the build failed (log above)"
   exit 1
 fi
@@ -101,4 +104,8 @@ print(f"cuda_build_check: OK: CUDA kernels registered (built with CUDA {version 
       f"torch {torch.__version__})")
 PY
 )
+# Nothing above touches the development venv or its in-tree build: say so if it cannot import.
+if [[ -x .venv/bin/python ]] && ! .venv/bin/python -c "import torch_xent" >/dev/null 2>&1; then
+  echo "cuda_build_check: warning: .venv cannot import torch_xent (not caused by this check; run make setup)"
+fi
 echo "cuda_build_check: done in $(( $(date +%s) - start )) s"
