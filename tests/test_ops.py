@@ -1,0 +1,470 @@
+"""The compiled ops themselves (torch.ops.torch_xent.*): registration (opcheck), values against
+torch_xent/reference.py over a table of dtypes x options x shapes, edge values, errors, in-place
+gradients, torch.compile, gradcheck, every CPU instruction-set variant, and more than 2**31 logits.
+
+Every test runs on each device whose native kernel is built: the CPU, and CUDA on a GPU machine.
+Without a compiled kernel these tests are skipped (the reference is tested in test_cross_entropy.py).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import torch_xent
+from torch_xent import reference
+
+ops = torch.ops.torch_xent
+
+NATIVE_DEVICES = [d for d in ["cpu", "cuda"]
+                  if (d == "cpu" or torch.cuda.is_available()) and torch_xent.native_available(d)]
+pytestmark = pytest.mark.skipif(not NATIVE_DEVICES, reason="no compiled torch_xent kernel is built")
+device_params = pytest.mark.parametrize("device", NATIVE_DEVICES or ["cpu"])
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# loss and lse are in the accumulation dtype (float32 for the half types): tight for every dtype.
+# The half-precision gradient may round to the neighbouring value of the reference's.
+ACC_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-12),
+           torch.bfloat16: dict(rtol=2e-5, atol=2e-6), torch.float16: dict(rtol=2e-5, atol=2e-6)}
+GRAD_TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12),
+            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=1e-6)}
+
+
+def make_problem(m, c, dtype, device, opts, seed=0):
+    """Random logits, target and weight for the options `opts` (a dict, see OPTIONS)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(m, c, generator=gen) * opts.get("scale", 3.0)).to(dtype)
+    if opts.get("soft"):
+        target = torch.softmax(torch.randn(m, c, generator=gen), dim=1).to(dtype)
+    else:
+        target = torch.randint(0, c, (m,), generator=gen)
+        if "ignore_index" in opts and m:
+            target[torch.rand(m, generator=gen) < 0.3] = opts["ignore_index"]
+    weight = (torch.rand(c, generator=gen) + 0.25).to(dtype) if opts.get("weight") else None
+    move = (lambda t: None if t is None else t.to(device))
+    return move(logits), move(target), move(weight)
+
+
+def op_args(opts):
+    """(ignore_index, label_smoothing, z_loss, softcap) as the op takes them."""
+    return (opts.get("ignore_index", -100), opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0),
+            opts.get("softcap", 0.0))
+
+
+def reference_forward(logits, target, weight, reduction, opts, compute_grad=True):
+    ignore_index, eps, z_loss, softcap = op_args(opts)
+    return reference.cross_entropy_forward(logits, target, weight, reduction, ignore_index, eps, z_loss,
+                                           softcap or None, compute_grad)
+
+
+def assert_outputs_close(out, ref, dtype, what=""):
+    loss, lse, grad = out
+    rloss, rlse, rgrad = ref
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == acc and lse.dtype == acc, what
+    torch.testing.assert_close(loss.cpu(), rloss.cpu(), equal_nan=True, msg=f"loss {what}", **ACC_TOL[dtype])
+    torch.testing.assert_close(lse.cpu(), rlse.cpu(), equal_nan=True, msg=f"lse {what}", **ACC_TOL[dtype])
+    if grad is not None:
+        assert grad.dtype == dtype and grad.is_contiguous(), what
+        torch.testing.assert_close(grad.cpu(), rgrad.cpu(), equal_nan=True, msg=f"grad {what}", **GRAD_TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# Values against the reference: dtypes x options x shapes x reductions, with and without gradient,
+# and the in-place op.
+
+SHAPES = [(7, 1), (9, 3), (13, 10), (6, 15), (5, 17), (4, 33), (3, 1000), (3, 4097), (2, 50000), (0, 5)]
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "ignore": {"ignore_index": 1},
+    "ignore-outside": {"ignore_index": -100},
+    "smooth": {"label_smoothing": 0.1},
+    "weight+smooth+ignore": {"weight": True, "label_smoothing": 0.3, "ignore_index": 0},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 4.0},
+    "soft": {"soft": True},
+    "soft+weight+smooth": {"soft": True, "weight": True, "label_smoothing": 0.15},
+    "everything": {"weight": True, "label_smoothing": 0.2, "ignore_index": 2, "z_loss": 1e-2, "softcap": 2.5},
+    "soft+everything": {"soft": True, "weight": True, "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 2.5},
+}
+
+
+@device_params
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_forward_matches_reference(device, dtype, shape, option):
+    opts = OPTIONS[option]
+    logits, target, weight = make_problem(*shape, dtype, device, opts)
+    for reduction in (0, 1, 2):
+        ref = reference_forward(logits, target, weight, reduction, opts)
+        out = ops.cross_entropy_forward(logits, target, weight, reduction, *op_args(opts), True)
+        assert_outputs_close(out, ref, dtype, f"reduction={reduction}")
+        loss, lse, grad = ops.cross_entropy_forward(logits, target, weight, reduction, *op_args(opts), False)
+        assert grad.numel() == 0
+        assert_outputs_close((loss, lse, None), ref, dtype, f"no grad, reduction={reduction}")
+        inplace = logits.clone()
+        loss, lse = ops.cross_entropy_forward_inplace(inplace, target, weight, reduction, *op_args(opts))
+        assert_outputs_close((loss, lse, inplace), ref, dtype, f"in place, reduction={reduction}")
+
+
+@device_params
+def test_chunks_of_minus_inf_and_huge_logits(device):
+    """Long rows whose first chunks are entirely -inf, and logits of magnitude 1e4 (exact in float32)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        logits, target, weight = make_problem(4, 6000, dtype, device, {"weight": True})
+        logits[:, :4500] = float("-inf")
+        logits[1] += 10000.0
+        logits[2] -= 10000.0
+        target[0] = 4600
+        for opts in ({}, {"label_smoothing": 0.1}, {"label_smoothing": 0.1, "weight": True}):
+            w = weight if opts.get("weight") else None
+            for reduction in (0, 1):
+                ref = reference_forward(logits, target, w, reduction, opts)
+                out = ops.cross_entropy_forward(logits, target, w, reduction, *op_args(opts), True)
+                assert_outputs_close(out, ref, dtype, f"{dtype} {opts} reduction={reduction}")
+        # A probability target that puts mass on a -inf logit: infinite loss, as in the reference.
+        soft = torch.softmax(torch.randn(4, 6000), 1).to(dtype).to(device)
+        ref = reference_forward(logits, soft, None, 0, {})
+        out = ops.cross_entropy_forward(logits, soft, None, 0, -100, 0.0, 0.0, 0.0, True)
+        assert_outputs_close(out, ref, dtype, "soft target on -inf logits")
+        assert torch.isinf(out[0]).all()
+
+
+@device_params
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_edge_values(device, dtype):
+    c = 40
+    logits = torch.randn(9, c, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, c, (9,))
+    logits[0, 5] = float("inf")                 # +inf: NaN row
+    logits[1, 3] = float("nan")                 # NaN: NaN row
+    logits[2, :] = float("-inf")                # all -inf: NaN row
+    target[3] = 7
+    logits[3, 8] = float("-inf")                # -inf at a non-target class: finite, grad 0 there
+    target[4] = 2
+    logits[4, 2] = float("-inf")                # -inf at the target: inf loss
+    target[5] = -100
+    logits[5, :] = float("nan")                 # ignored row of NaN: counts for nothing, grad 0
+    logits[6] = logits[6].double().mul(1e4).to(dtype) if dtype != torch.float16 else logits[6] * 1e3
+    logits, target = logits.to(device), target.to(device)
+    for reduction in (0, 1, 2):
+        for opts in ({}, {"label_smoothing": 0.2}, {"z_loss": 1e-3}):
+            ref = reference_forward(logits, target, None, reduction, opts)
+            out = ops.cross_entropy_forward(logits, target, None, reduction, *op_args(opts), True)
+            assert_outputs_close(out, ref, dtype, f"reduction={reduction} {opts}")
+    loss, lse, grad = ops.cross_entropy_forward(logits, target, None, 0, -100, 0.0, 0.0, 0.0, True)
+    assert torch.isnan(loss[:3]).all() and torch.isnan(grad[:3]).all()
+    assert torch.isfinite(loss[3]) and grad[3, 8] == 0
+    assert torch.isposinf(loss[4])
+    assert loss[5] == 0 and lse[5] == 0 and (grad[5] == 0).all()
+
+
+@device_params
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_all_ignored_and_empty(device, dtype):
+    logits = torch.randn(5, 12, dtype=dtype, device=device)
+    target = torch.full((5,), -100, device=device)
+    for reduction, expect in ((0, torch.zeros(5)), (1, torch.tensor(float("nan"))), (2, torch.tensor(0.0))):
+        loss, lse, grad = ops.cross_entropy_forward(logits, target, None, reduction, -100, 0.1, 0.0, 0.0, True)
+        torch.testing.assert_close(loss.cpu(), expect, equal_nan=True)
+        assert (grad == 0).all() and (lse == 0).all()
+    empty = torch.randn(0, 12, dtype=dtype, device=device)
+    for reduction, expect in ((0, torch.zeros(0)), (1, torch.tensor(float("nan"))), (2, torch.tensor(0.0))):
+        for target in (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, 12, dtype=dtype, device=device)):
+            loss, lse, grad = ops.cross_entropy_forward(empty, target, None, reduction, -100, 0.0, 0.0, 0.0, True)
+            torch.testing.assert_close(loss.cpu(), expect, equal_nan=True)
+            assert grad.shape == (0, 12) and lse.shape == (0,)
+
+
+@device_params
+def test_deterministic(device):
+    """The same input gives bit-identical results, whatever the number of threads."""
+    logits, target, weight = make_problem(3000, 77, torch.float32, device, {"weight": True, "ignore_index": 0})
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, max(2, threads), 1):
+            torch.set_num_threads(n)
+            outs.append(ops.cross_entropy_forward(logits, target, weight, 1, 0, 0.1, 0.0, 0.0, True))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        for a, b in zip(out, outs[0]):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+
+@device_params
+def test_out_of_range_target(device):
+    logits = torch.randn(4, 5, device=device)
+    for bad in (5, -1, 1 << 40):
+        target = torch.tensor([0, bad, 1, -100], device=device)
+        if device == "cpu":
+            with pytest.raises(IndexError, match=f"Target {bad} is out of bounds."):
+                ops.cross_entropy_forward(logits, target, None, 1, -100, 0.0, 0.0, 0.0, True)
+            before = logits.clone()
+            with pytest.raises(IndexError, match=f"Target {bad} is out of bounds."):
+                ops.cross_entropy_forward_inplace(logits, target, None, 1, -100, 0.0, 0.0, 0.0)
+            assert torch.equal(logits, before), "the in-place op wrote before it checked the targets"
+        else:  # the GPU cannot raise without a sync: that row is NaN, the others are right
+            loss, lse, grad = ops.cross_entropy_forward(logits, target, None, 0, -100, 0.0, 0.0, 0.0, True)
+            assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+            assert torch.isfinite(loss[[0, 2]]).all()
+
+
+@device_params
+def test_argument_errors(device):
+    z = torch.randn(4, 5, device=device)
+    y = torch.tensor([0, 1, 2, 3], device=device)
+    f = ops.cross_entropy_forward
+    cases = [
+        (lambda: f(z[0], y[:1], None, 1, -100, 0.0, 0.0, 0.0, True), "2-D"),
+        (lambda: f(z, y.int(), None, 1, -100, 0.0, 0.0, 0.0, True), "int64"),
+        (lambda: f(z, y[:3], None, 1, -100, 0.0, 0.0, 0.0, True), "shape"),
+        (lambda: f(z, z.double(), None, 1, -100, 0.0, 0.0, 0.0, True), "dtype"),
+        (lambda: f(z, y, torch.ones(4, device=device), 1, -100, 0.0, 0.0, 0.0, True), "weight"),
+        (lambda: f(z, y, torch.ones(5, dtype=torch.float64, device=device), 1, -100, 0.0, 0.0, 0.0, True), "weight"),
+        (lambda: f(z, y, None, 3, -100, 0.0, 0.0, 0.0, True), "reduction"),
+        (lambda: f(z, y, None, 1, -100, 1.5, 0.0, 0.0, True), "label_smoothing"),
+        (lambda: f(z, y, None, 1, -100, 0.0, 0.0, -1.0, True), "softcap"),
+        (lambda: f(z.long(), y, None, 1, -100, 0.0, 0.0, 0.0, True), "float"),
+        (lambda: ops.cross_entropy_forward_inplace(z.t(), y[:4].remainder(4), None, 1, -100, 0.0, 0.0, 0.0),
+         "contiguous"),
+    ]
+    for call, words in cases:
+        with pytest.raises(RuntimeError, match=words):
+            call()
+
+
+@device_params
+def test_non_contiguous_inputs(device):
+    base = torch.randn(12, 8, device=device)
+    logits = base.t().contiguous().t()[:, :5]  # strided rows
+    target = torch.randint(0, 5, (24,), device=device)[::2]
+    out = ops.cross_entropy_forward(logits, target, None, 1, -100, 0.0, 0.0, 0.0, True)
+    ref = reference_forward(logits.contiguous(), target.contiguous(), None, 1, {})
+    assert_outputs_close(out, ref, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck on every op.
+
+def _opcheck_cases(device):
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for opts in ({}, {"weight": True, "label_smoothing": 0.1, "ignore_index": 1}, {"soft": True},
+                     {"z_loss": 1e-3, "softcap": 3.0}):
+            for reduction in (0, 1, 2):
+                logits, target, weight = make_problem(6, 11, dtype, device, opts)
+                cases.append((logits, target, weight, reduction, opts))
+    return cases
+
+
+@device_params
+def test_opcheck_forward(device):
+    for logits, target, weight, reduction, opts in _opcheck_cases(device):
+        for compute_grad in (True, False):
+            x = logits.clone().requires_grad_(compute_grad)
+            torch.library.opcheck(ops.cross_entropy_forward.default,
+                                  (x, target, weight, reduction, *op_args(opts), compute_grad))
+
+
+@device_params
+def test_opcheck_forward_inplace_and_backward(device):
+    for logits, target, weight, reduction, opts in _opcheck_cases(device):
+        torch.library.opcheck(ops.cross_entropy_forward_inplace.default,
+                              (logits.clone(), target, weight, reduction, *op_args(opts)))
+    grad = torch.randn(6, 11, device=device)
+    for grad_output in (torch.tensor(0.5, device=device), torch.rand(6, device=device)):
+        torch.library.opcheck(ops.cross_entropy_backward.default, (grad, grad_output))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through torch_xent.cross_entropy(impl="native"): autograd, in-place gradients, compile, gradcheck.
+
+@device_params
+def test_inplace_backward_matches(device):
+    torch.manual_seed(0)
+    x = torch.randn(64, 20, device=device)
+    lin = torch.nn.Linear(20, 37).to(device)
+    y = torch.randint(0, 37, (64,), device=device)
+    grads = []
+    for inplace in (False, True):
+        lin.zero_grad()
+        logits = lin(x)
+        loss = torch_xent.cross_entropy(logits, y, label_smoothing=0.1, inplace_backward=inplace, impl="native")
+        loss.backward()
+        grads.append((loss.detach(), lin.weight.grad.clone(), lin.bias.grad.clone()))
+        if inplace:  # the logits now hold d loss / d logits
+            expect = reference.cross_entropy_forward(lin(x).detach(), y, None, "mean", -100, 0.1)[2]
+            torch.testing.assert_close(logits.detach(), expect, rtol=2e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+
+
+@device_params
+def test_inplace_backward_version_counter(device):
+    """An op that saved the logits must notice that the in-place gradient overwrote them."""
+    a = torch.randn(8, 6, device=device, requires_grad=True)
+    logits = a.exp()  # exp saves its output for the backward
+    loss = torch_xent.cross_entropy(logits, torch.randint(0, 6, (8,), device=device), inplace_backward=True,
+                                    impl="native")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+class _SmallModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 10)
+
+    def forward(self, x, y):
+        logits = self.fc2(torch.relu(self.fc1(x)))
+        return torch_xent.cross_entropy(logits, y, label_smoothing=0.05, impl="native")
+
+
+@device_params
+def test_torch_compile_fullgraph(device):
+    torch.manual_seed(0)
+    model = _SmallModel().to(device)
+    x = torch.randn(50, 16, device=device)
+    y = torch.randint(0, 10, (50,), device=device)
+    y[3] = -100
+    eager_loss = model(x, y)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    loss = compiled(x, y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+GRADCHECK_OPTIONS = {
+    "plain": {},
+    "weight+smooth+ignore": {"weight": True, "label_smoothing": 0.2, "ignore_index": 1},
+    "z_loss+softcap": {"z_loss": 0.05, "softcap": 2.0},
+    "soft+weight+smooth": {"soft": True, "weight": True, "label_smoothing": 0.1},
+}
+
+
+@device_params
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("option", list(GRADCHECK_OPTIONS))
+def test_gradcheck_native(device, reduction, option):
+    opts = GRADCHECK_OPTIONS[option]
+    logits, target, weight = make_problem(5, 7, torch.float64, device, dict(opts, scale=1.0))
+    ignore_index, eps, z_loss, softcap = op_args(opts)
+    inputs = [logits.requires_grad_()]
+    if opts.get("soft"):
+        inputs.append(target.requires_grad_())
+
+    def fn(*args):
+        tgt = args[1] if len(args) > 1 else target
+        return torch_xent.cross_entropy(args[0], tgt, weight, ignore_index=ignore_index, reduction=reduction,
+                                        label_smoothing=eps, z_loss=z_loss, softcap=softcap or None, impl="native")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every CPU instruction-set variant of the kernel (ATen's capability decides which one runs).
+
+_VARIANT_SCRIPT = textwrap.dedent("""
+    import torch, torch_xent
+    from torch_xent import reference
+    print("capability", torch.backends.cpu.get_cpu_capability())
+    ops = torch.ops.torch_xent
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for m, c in ((37, 3), (9, 31), (4, 2500), (3, 4100)):
+            z = (torch.randn(m, c, generator=gen) * 3).to(dtype)
+            z[0, 1] = float("-inf")
+            y = torch.randint(0, c, (m,), generator=gen)
+            y[2] = -100
+            w = (torch.rand(c, generator=gen) + 0.5).to(dtype)
+            soft = torch.softmax(torch.randn(m, c, generator=gen), 1).to(dtype)
+            tol = dict(rtol=1e-5, atol=2e-6) if dtype != torch.float64 else dict(rtol=1e-10, atol=1e-12)
+            gtol = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=1e-6)}
+            for t, wt, eps, zl, cap in ((y, None, 0.0, 0.0, 0.0), (y, w, 0.2, 1e-3, 0.0), (y, None, 0.1, 0.0, 3.0),
+                                        (soft, w, 0.1, 0.0, 0.0), (soft, None, 0.0, 1e-3, 2.0)):
+                for red in (0, 1):
+                    ref = reference.cross_entropy_forward(z, t, wt, red, -100, eps, zl, cap or None, True)
+                    out = ops.cross_entropy_forward(z, t, wt, red, -100, eps, zl, cap, True)
+                    torch.testing.assert_close(out[0], ref[0], **tol)
+                    torch.testing.assert_close(out[1], ref[1], **tol)
+                    torch.testing.assert_close(out[2], ref[2], **gtol.get(dtype, tol))
+    print("ok")
+""")
+
+
+def _cpu_variants():
+    best = torch.backends.cpu.get_cpu_capability()
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    if best not in order:  # not an x86 CPU: only the portable variant exists
+        return [best]
+    return order[:order.index(best) + 1]
+
+
+@pytest.mark.skipif("cpu" not in NATIVE_DEVICES, reason="the CPU kernel is not built")
+@pytest.mark.parametrize("capability", _cpu_variants())
+def test_cpu_instruction_set_variants(capability):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+    proc = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"capability {capability}" in proc.stdout and proc.stdout.rstrip().endswith("ok"), proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# More than 2**31 logits: 64-bit offsets in the reads and in the gradient writes.
+
+def _available_memory_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.slow
+@device_params
+def test_more_than_2_pow_31_logits(device):
+    c = 50000
+    m = 2**31 // c + 1  # 42950 rows: 2,147,500,000 logits, 4.3 GB of bfloat16
+    need = m * c * 2
+    if device == "cpu":
+        avail = _available_memory_bytes()
+        if avail is not None and avail < need + (2 << 30):
+            pytest.skip(f"needs {need / 2**30:.1f} GiB of free memory and some room")
+    else:
+        free, _ = torch.cuda.mem_get_info()
+        if free < need + (1 << 30):
+            pytest.skip("not enough GPU memory")
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.empty(m, c, dtype=torch.bfloat16, device=device)
+    for r in range(0, m, 4096):  # fill in slices: no float32 copy of the whole tensor
+        logits[r:r + 4096].normal_(generator=gen)
+    target = torch.randint(0, c, (m,), device=device, generator=gen)
+    rows = torch.tensor([0, 1, m // 2, m - 2, m - 1], device=device)
+    target[m - 1] = c - 1
+    logits[m - 1, c - 1] = 7.0  # the very last element is the target of the very last row
+    expect = reference.cross_entropy_forward(logits[rows], target[rows], None, "none")
+    loss, lse, grad = ops.cross_entropy_forward(logits, target, None, 0, -100, 0.0, 0.0, 0.0, False)
+    assert grad.numel() == 0
+    assert_outputs_close((loss[rows], lse[rows], None), expect, torch.bfloat16)
+    # The in-place op writes the gradient over all 2**31+ elements without a second buffer.
+    loss, lse = ops.cross_entropy_forward_inplace(logits, target, None, 0, -100, 0.0, 0.0, 0.0)
+    assert_outputs_close((loss[rows], lse[rows], logits[rows]), expect, torch.bfloat16)
