@@ -2,7 +2,7 @@
 
     python train.py                                   # iris, linear softmax classifier (a few seconds on a CPU)
     python train.py --model mlp                       # one hidden layer instead
-    python train.py --task setosa                     # the worked example of docs/seed 000: Setosa vs the rest
+    python train.py --task setosa                     # the worked example of docs/gradient.md: Setosa or not
     python train.py --dataset synthetic --num-classes 32768   # the loss at an LLM-like vocabulary size
     python train.py --check-grad                      # step 0: manual gradient vs finite differences and autograd
     python train.py --impl torch                      # F.cross_entropy instead, for comparison
@@ -52,7 +52,6 @@ task = "species"          # iris only: species (3 classes) | setosa (the seed's 
 model_kind = "linear"     # linear (softmax regression, as in the seeds) | mlp (one hidden layer)
 hidden = 64               # width of the mlp's hidden layer
 impl = "auto"             # loss kernel: auto (compiled if built, else reference) | native | reference | torch
-optimizer_kind = "sgd"    # sgd (with momentum) | adamw
 momentum = 0.9            # sgd momentum
 weight_decay = 0.0        # decoupled for adamw, L2 for sgd
 lr_schedule = "cosine"    # cosine (decays to min_lr_ratio * lr) | constant
@@ -70,7 +69,7 @@ num_features = 32         # synthetic: input dimension
 samples_per_class = 4     # synthetic: training rows per class (and a quarter of that, at least 1, for validation)
 log_every = 1             # steps between training scalars
 device_name = "auto"      # auto (cuda if available) | cpu | cuda | cuda:N
-# Per-dataset defaults for the flags left unset: iris is tiny (a few hundred steps on one core),
+# Per-dataset defaults for the flags left unset (optimizer: sgd with momentum | adamw): iris is tiny (a few hundred steps on one core),
 # synthetic has many classes and wants larger batches and an adaptive optimiser.
 DATASET_DEFAULTS = {
     "iris": dict(epochs=30, batch_size=16, lr=0.1, optimizer="sgd"),
@@ -636,7 +635,7 @@ for epoch in range(start_epoch, args.epochs):
             save_checkpoint(epoch, b, step, epoch_sums, metrics)
             signum = signal.SIGINT if sigint else signal.SIGTERM
             say(f"stopped by {signal.Signals(signum).name} before step {step} (epoch {epoch + 1}, batch {b}); "
-                f"checkpoint saved. Continue with: python train.py --resume --logdir {args.logdir}")
+                f"checkpoint saved. To continue, run the same command with --resume --logdir {args.logdir}")
             if writer:
                 writer.close()
             if ddp:

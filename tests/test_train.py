@@ -259,25 +259,27 @@ def test_impl_torch_gives_the_same_training(default_run, tmp_path):
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
-    settings = ("--batch-size", 4, "--epochs", 12)  # 30 steps an epoch, 360 in all
+    settings = ("--batch-size", 1, "--epochs", 8)  # 120 steps an epoch, 960 in all
     run_train(tmp_path / "whole", *settings)
 
     stopped = tmp_path / "stopped"
     proc = start_train(stopped, *settings)
-    wait_for_line(proc, "epoch   1/12")
+    wait_for_line(proc, "epoch   1/8")
+    time.sleep(0.1)  # into the second epoch (the line comes just before the first checkpoint is saved)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=RUN_TIMEOUT)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "stopped by SIGTERM" in out and "checkpoint saved" in out
     ckpt = load_checkpoint(stopped)
-    assert 30 <= ckpt["step"] < 360 and ckpt["epoch"] * 30 + ckpt["batch"] == ckpt["step"]
+    assert 120 <= ckpt["step"] < 960 and ckpt["epoch"] * 120 + ckpt["batch"] == ckpt["step"]
 
     resumed = run_train(stopped, *settings, "--resume")
+    print("stopped at epoch", ckpt["epoch"], "batch", ckpt["batch"])
     assert f"resuming {stopped} at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}, step {ckpt['step']}" \
         in resumed.stdout
 
     whole, again = load_checkpoint(tmp_path / "whole"), load_checkpoint(stopped)
-    assert whole["step"] == again["step"] == 360
+    assert whole["step"] == again["step"] == 960
     for name, tensor in whole["model"].items():
         torch.testing.assert_close(again["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert again["metrics"]["val_loss"] == pytest.approx(whole["metrics"]["val_loss"], rel=0, abs=1e-6)
@@ -292,7 +294,7 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
         assert [v for _, v in sb] == pytest.approx([v for _, v in sa], rel=1e-6, abs=1e-7), tag
 
     # The checkpoint defines the data order: resuming with another seed is refused.
-    refused = run_train(stopped, *settings, "--resume", "--epochs", 13, "--seed", 7, expect=2)
+    refused = run_train(stopped, *settings, "--resume", "--epochs", 9, "--seed", 7, expect=2)
     assert "--seed" in refused.stderr
 
 
@@ -310,12 +312,14 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path):
         stale = temporaries(tmp_path)  # left by the previous kill; the next run removes them
         proc = start_train(tmp_path, *settings, *(("--resume",) if ckpt.exists() else ()))
         previous = load_checkpoint(tmp_path)["step"] if ckpt.exists() else -1
+        inode = ckpt.stat().st_ino if ckpt.exists() else None  # each save renames a new file into place
         deadline = time.monotonic() + RUN_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
-            saved = ckpt.exists() and load_checkpoint(tmp_path)["step"] > previous
+            saved = ckpt.exists() and ckpt.stat().st_ino != inode
             if saved and temporaries(tmp_path) - stale:  # a newer checkpoint exists and the next is being written
                 proc.send_signal(signal.SIGKILL)
                 break
+            time.sleep(0.001)
         proc.communicate(timeout=RUN_TIMEOUT)
         assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
         killed_mid_write += bool(temporaries(tmp_path) - stale)
