@@ -69,8 +69,8 @@ num_features = 32         # synthetic: input dimension
 samples_per_class = 4     # synthetic: training rows per class (and a quarter of that, at least 1, for validation)
 log_every = 1             # steps between training scalars
 device_name = "auto"      # auto (cuda if available) | cpu | cuda | cuda:N
-# Per-dataset defaults for the flags left unset (optimizer: sgd with momentum | adamw): iris is tiny (a few hundred steps on one core),
-# synthetic has many classes and wants larger batches and an adaptive optimiser.
+# Per-dataset defaults for the flags left unset (optimizer: sgd with momentum | adamw): iris is tiny (a few
+# hundred steps on one core), synthetic has many classes and wants larger batches and an adaptive optimiser.
 DATASET_DEFAULTS = {
     "iris": dict(epochs=30, batch_size=16, lr=0.1, optimizer="sgd"),
     "synthetic": dict(epochs=3, batch_size=256, lr=0.03, optimizer="adamw"),
@@ -730,7 +730,7 @@ if master:
             f"{metrics['val_accuracy']:.4f} ({metrics['val_correct']}/{metrics['val_rows']}); "
             f"tensorboard --logdir {args.logdir}")
     else:
-        say(f"nothing to train: {args.logdir} already holds {args.epochs} epochs")
+        say(f"nothing to train: --epochs {args.epochs}, and {args.logdir} is at epoch {start_epoch}")
     writer.close()
 if ddp:
     dist.destroy_process_group()

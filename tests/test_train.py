@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import signal
 import socket
 import subprocess
