@@ -258,19 +258,19 @@ def test_impl_torch_gives_the_same_training(default_run, tmp_path):
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
-    settings = ("--batch-size", 1, "--epochs", 8)  # 120 steps an epoch, 960 in all
+    settings = ("--batch-size", 2, "--epochs", 6)  # 60 steps an epoch, 360 in all
     run_train(tmp_path / "whole", *settings)
 
     stopped = tmp_path / "stopped"
     proc = start_train(stopped, *settings)
-    wait_for_line(proc, "epoch   1/8")
-    time.sleep(0.1)  # into the second epoch (the line comes just before the first checkpoint is saved)
+    wait_for_line(proc, "epoch   1/6")
+    time.sleep(0.05)  # into the second epoch (the line comes just before the first checkpoint is saved)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=RUN_TIMEOUT)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "stopped by SIGTERM" in out and "checkpoint saved" in out
     ckpt = load_checkpoint(stopped)
-    assert 120 <= ckpt["step"] < 960 and ckpt["epoch"] * 120 + ckpt["batch"] == ckpt["step"]
+    assert 60 <= ckpt["step"] < 360 and ckpt["epoch"] * 60 + ckpt["batch"] == ckpt["step"]
 
     resumed = run_train(stopped, *settings, "--resume")
     print("stopped at epoch", ckpt["epoch"], "batch", ckpt["batch"])
@@ -278,7 +278,7 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
         in resumed.stdout
 
     whole, again = load_checkpoint(tmp_path / "whole"), load_checkpoint(stopped)
-    assert whole["step"] == again["step"] == 960
+    assert whole["step"] == again["step"] == 360
     for name, tensor in whole["model"].items():
         torch.testing.assert_close(again["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
     assert again["metrics"]["val_loss"] == pytest.approx(whole["metrics"]["val_loss"], rel=0, abs=1e-6)
@@ -293,7 +293,7 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
         assert [v for _, v in sb] == pytest.approx([v for _, v in sa], rel=1e-6, abs=1e-7), tag
 
     # The checkpoint defines the data order: resuming with another seed is refused.
-    refused = run_train(stopped, *settings, "--resume", "--epochs", 9, "--seed", 7, expect=2)
+    refused = run_train(stopped, *settings, "--resume", "--epochs", 7, "--seed", 7, expect=2)
     assert "--seed" in refused.stderr
 
 
