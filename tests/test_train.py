@@ -273,7 +273,6 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
     assert 60 <= ckpt["step"] < 360 and ckpt["epoch"] * 60 + ckpt["batch"] == ckpt["step"]
 
     resumed = run_train(stopped, *settings, "--resume")
-    print("stopped at epoch", ckpt["epoch"], "batch", ckpt["batch"])
     assert f"resuming {stopped} at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}, step {ckpt['step']}" \
         in resumed.stdout
 
@@ -388,3 +387,16 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
     single = load_checkpoint(single_dir)
     for name, tensor in single["model"].items():
         torch.testing.assert_close(ckpt["model"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
+    """Ctrl-C behaves like SIGTERM: the step finishes, a whole checkpoint is saved, exit 128 + SIGINT."""
+    proc = start_train(tmp_path, "--batch-size", 2, "--epochs", 50)
+    wait_for_line(proc, "epoch   1/50")
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=RUN_TIMEOUT)[0]
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "stopped by SIGINT" in out and "Traceback" not in out, out
+    ckpt = load_checkpoint(tmp_path)
+    assert 60 <= ckpt["step"] < 3000 and ckpt["epoch"] * 60 + ckpt["batch"] == ckpt["step"]
+    assert not temporaries(tmp_path)
