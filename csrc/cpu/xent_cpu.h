@@ -1,0 +1,64 @@
+// The interface between the CPU op (xent_kernel.cpp: checks, allocation, threads, reductions) and
+// the row kernels (xent_rows.h), which are compiled once per instruction set:
+//   xent_rows_default.cpp     portable (ATen's DEFAULT Vectorized: plain C++ the compiler may vectorise)
+//   xent_rows_x86_avx2.cpp    AVX2 + FMA + F16C
+//   xent_rows_x86_avx512.cpp  AVX-512 F/BW/VL/DQ
+// xent_kernel.cpp picks one at run time from at::native::get_cpu_capability(), so the extension runs
+// on any x86-64 CPU (and honours ATEN_CPU_CAPABILITY=default|avx2|avx512, which the tests use to check
+// every variant). This header only holds plain C++ types: it is included before the instruction-set
+// pragmas of those files, and nothing in it may be compiled for a wider instruction set.
+#pragma once
+
+#include <cstdint>
+
+// The x86 variants rely on `#pragma GCC target`, which GCC honours (and clang does not): other
+// compilers and architectures build the portable variant only.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+#define TORCH_XENT_X86_VARIANTS 1
+#else
+#define TORCH_XENT_X86_VARIANTS 0
+#endif
+
+namespace torch_xent {
+namespace cpu {
+
+enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
+
+// One problem of M rows of C classes; every pointer is contiguous. acc_t below is float, or
+// double for double logits.
+struct RowsArgs {
+  DType dtype = DType::kFloat;
+  const void* logits = nullptr;       // (M, C) logits dtype
+  void* grad = nullptr;               // (M, C) logits dtype, may equal logits (inplace); null: no gradient
+  const int64_t* target = nullptr;    // (M,) class indices, already checked to be in range or ignored
+  const void* target_prob = nullptr;  // (M, C) class probabilities in the logits dtype (instead of target)
+  const void* weight = nullptr;       // (C,) class weights in acc_t, or null
+  void* row_loss = nullptr;           // (M,) acc_t out: per-row loss (0 for ignored rows)
+  void* lse = nullptr;                // (M,) acc_t out: per-row log-sum-exp (0 for ignored rows)
+  int64_t rows = 0;
+  int64_t classes = 0;
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  double softcap = 0.0;               // 0: off
+  double grad_scale = 1.0;            // the reduction's factor, folded into the gradient (1/denom for mean)
+  double weight_total = 0.0;          // sum of the class weights (C without weights)
+};
+
+// Processes rows [begin, end) of the problem: writes row_loss, lse and (when grad) the gradient rows.
+using RowsFn = void (*)(const RowsArgs& args, int64_t begin, int64_t end);
+
+namespace DEFAULT {
+void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
+}
+#if TORCH_XENT_X86_VARIANTS
+namespace AVX2 {
+void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
+}
+namespace AVX512 {
+void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
+}
+#endif
+
+}  // namespace cpu
+}  // namespace torch_xent

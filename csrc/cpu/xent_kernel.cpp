@@ -1,0 +1,282 @@
+// CPU kernels of torch_xent::cross_entropy_forward and torch_xent::cross_entropy_forward_inplace
+// (schemas and contract in ../xent.cpp, mathematics in torch_xent/reference.py).
+//
+// This file checks the arguments, allocates the outputs, runs one pass over the class targets (range
+// check and the mean's denominator, so that the gradient written during the forward is already
+// final), then runs the row kernel (xent_rows.h, compiled for the best instruction set the CPU has)
+// over the rows in parallel, and sums the per-row losses in a fixed order. Nothing here depends on
+// the number of threads: the results are the same for a given input whatever it is.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "cpu/xent_cpu.h"
+#include "xent_math.h"
+
+namespace torch_xent {
+namespace {
+
+using at::Tensor;
+
+cpu::RowsFn select_rows_kernel() {
+#if TORCH_XENT_X86_VARIANTS
+  // ATen's own choice (cpuinfo, overridable with ATEN_CPU_CAPABILITY=default|avx2|avx512): the CPU
+  // runs ATen's kernels of that capability, so it runs ours.
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512") return &cpu::AVX512::cross_entropy_rows;
+  if (capability == "AVX2") return &cpu::AVX2::cross_entropy_rows;
+#endif
+  return &cpu::DEFAULT::cross_entropy_rows;
+}
+
+cpu::RowsFn rows_kernel() {
+  static const cpu::RowsFn fn = select_rows_kernel();
+  return fn;
+}
+
+// Rows per block of the target pass and of the loss sum: fixed, so that the order of the
+// floating-point additions does not depend on the thread count.
+constexpr int64_t kSumBlock = 1 << 14;
+
+template <typename acc_t>
+double deterministic_sum(const acc_t* x, int64_t n) {
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double s = 0;
+      for (int64_t i = b * kSumBlock, e = std::min(n, (b + 1) * kSumBlock); i < e; ++i) s += x[i];
+      partial[static_cast<size_t>(b)] = s;
+    }
+  });
+  double total = 0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+// The one pass over class targets: raises PyTorch's IndexError for the first index outside [0, C)
+// that is not ignore_index (before anything is written, which the in-place op relies on), and
+// returns the mean's denominator: the summed weights w[y] of the rows that count.
+template <typename acc_t>
+double check_class_targets(const int64_t* y, int64_t rows, int64_t classes, int64_t ignore_index,
+                           const acc_t* weight) {
+  const int64_t blocks = (rows + kSumBlock - 1) / kSumBlock;
+  std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
+  std::vector<int64_t> first_bad(static_cast<size_t>(blocks), -1);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double s = 0;
+      int64_t bad = -1;
+      for (int64_t i = b * kSumBlock, e = std::min(rows, (b + 1) * kSumBlock); i < e; ++i) {
+        const int64_t t = y[i];
+        if (t == ignore_index) continue;
+        if (t < 0 || t >= classes) {
+          bad = i;
+          break;
+        }
+        s += weight != nullptr ? static_cast<double>(weight[t]) : 1.0;
+      }
+      partial[static_cast<size_t>(b)] = s;
+      first_bad[static_cast<size_t>(b)] = bad;
+    }
+  });
+  double denom = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t bad = first_bad[static_cast<size_t>(b)];
+    TORCH_CHECK_INDEX(bad < 0, "Target ", (bad < 0 ? 0 : y[bad]), " is out of bounds.");
+    denom += partial[static_cast<size_t>(b)];
+  }
+  return denom;
+}
+
+// A fresh gradient buffer is written once, row by row, by every thread: its pages are first touched
+// there, in parallel. Asking for transparent huge pages (where the system leaves that to madvise)
+// makes those first touches 512 times fewer.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+cpu::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cpu::DType::kFloat;
+    case at::kDouble:
+      return cpu::DType::kDouble;
+    case at::kBFloat16:
+      return cpu::DType::kBFloat16;
+    case at::kHalf:
+      return cpu::DType::kHalf;
+    default:
+      TORCH_CHECK(false, "torch_xent: logits must be float32, float64, bfloat16 or float16, got ", t);
+  }
+}
+
+void check_arguments(const char* op, const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& weight,
+                     int64_t reduction, double label_smoothing, double softcap) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (M, C), got ", logits.dim(), " dimension(s)");
+  TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU for this kernel, got ", logits.device());
+  (void)kernel_dtype(logits.scalar_type());
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  TORCH_CHECK(classes > 0, op, ": logits have 0 classes");
+  TORCH_CHECK(target.device().is_cpu(), op, ": target must be on the CPU like the logits, got ", target.device());
+  if (at::isFloatingType(target.scalar_type())) {
+    TORCH_CHECK(target.sizes() == logits.sizes(), op, ": class-probability targets must have the logits' shape ",
+                logits.sizes(), ", got ", target.sizes());
+    TORCH_CHECK(target.scalar_type() == logits.scalar_type(), op, ": class-probability targets must have the logits' "
+                "dtype ", logits.scalar_type(), ", got ", target.scalar_type());
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, op, ": class-index targets must have shape (", rows,
+                "), got ", target.sizes());
+  }
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes, op, ": weight must have shape (", classes,
+                "), got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == logits.scalar_type(), op, ": weight must have the logits' dtype ",
+                logits.scalar_type(), ", got ", weight->scalar_type());
+    TORCH_CHECK(weight->device().is_cpu(), op, ": weight must be on the CPU like the logits, got ",
+                weight->device());
+  }
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0 (0 is off), got ",
+              softcap);
+}
+
+// Runs the whole op; `grad` is the (M, C) buffer to write the gradient into (the logits themselves
+// for the in-place op), or undefined for none. Returns (loss, lse).
+std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& target_in,
+                                       const c10::optional<Tensor>& weight_in, int64_t reduction,
+                                       int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+                                       const Tensor& grad) {
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  const bool prob = at::isFloatingType(target_in.scalar_type());
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_options = logits.options().dtype(acc);
+  const Tensor target = target_in.contiguous();
+  Tensor weight;  // in the accumulation dtype
+  if (weight_in.has_value() && weight_in->defined()) weight = weight_in->to(acc).contiguous();
+
+  cpu::RowsArgs args;
+  args.dtype = kernel_dtype(logits.scalar_type());
+  args.logits = logits.data_ptr();
+  args.grad = grad.defined() ? grad.data_ptr() : nullptr;
+  args.rows = rows;
+  args.classes = classes;
+  args.ignore_index = ignore_index;
+  args.label_smoothing = label_smoothing;
+  args.z_loss = z_loss;
+  args.softcap = softcap;
+  args.weight = weight.defined() ? weight.data_ptr() : nullptr;
+
+  double denom = static_cast<double>(rows);
+  if (prob) {
+    args.target_prob = target.data_ptr();
+  } else {
+    args.target = target.data_ptr<int64_t>();
+    if (weight.defined()) {
+      denom = acc == at::kDouble
+                  ? check_class_targets(args.target, rows, classes, ignore_index, weight.data_ptr<double>())
+                  : check_class_targets(args.target, rows, classes, ignore_index, weight.data_ptr<float>());
+    } else {
+      denom = check_class_targets<float>(args.target, rows, classes, ignore_index, nullptr);
+    }
+  }
+  // 0/0 stays NaN, as in PyTorch: an all-ignored (or empty) batch has a NaN mean.
+  const double scale = reduction == kReductionMean ? 1.0 / denom : 1.0;
+  args.grad_scale = scale;
+  if (weight.defined()) {
+    args.weight_total = acc == at::kDouble ? deterministic_sum(weight.data_ptr<double>(), classes)
+                                           : deterministic_sum(weight.data_ptr<float>(), classes);
+  } else {
+    args.weight_total = static_cast<double>(classes);
+  }
+
+  Tensor row_loss = at::empty({rows}, acc_options);
+  Tensor lse = at::empty({rows}, acc_options);
+  args.row_loss = row_loss.data_ptr();
+  args.lse = lse.data_ptr();
+
+  if (rows > 0) {
+    const cpu::RowsFn kernel = rows_kernel();
+    // About 32K elements per task: small problems stay on the calling thread.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / classes);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  }
+
+  if (reduction == kReductionNone) return {row_loss, lse};
+  const double total = acc == at::kDouble ? deterministic_sum(row_loss.data_ptr<double>(), rows)
+                                          : deterministic_sum(row_loss.data_ptr<float>(), rows);
+  Tensor loss = at::empty({}, acc_options);
+  if (acc == at::kDouble) {
+    *loss.data_ptr<double>() = total * scale;
+  } else {
+    *loss.data_ptr<float>() = static_cast<float>(total * scale);
+  }
+  return {loss, lse};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits_in, const Tensor& target,
+                                                             const c10::optional<Tensor>& weight, int64_t reduction,
+                                                             int64_t ignore_index, double label_smoothing,
+                                                             double z_loss, double softcap, bool compute_grad) {
+  check_arguments("torch_xent::cross_entropy_forward", logits_in, target, weight, reduction, label_smoothing,
+                  softcap);
+  const Tensor logits = logits_in.contiguous();
+  Tensor grad;
+  if (compute_grad) {
+    grad = at::empty(logits.sizes(), logits.options());
+    advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
+  }
+  auto [loss, lse] = run_forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                                 grad);
+  if (!compute_grad) grad = at::empty({0}, logits.options());
+  return {loss, lse, grad};
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_forward_inplace_cpu(Tensor& logits, const Tensor& target,
+                                                             const c10::optional<Tensor>& weight, int64_t reduction,
+                                                             int64_t ignore_index, double label_smoothing,
+                                                             double z_loss, double softcap) {
+  check_arguments("torch_xent::cross_entropy_forward_inplace", logits, target, weight, reduction, label_smoothing,
+                  softcap);
+  TORCH_CHECK(logits.is_contiguous(), "torch_xent::cross_entropy_forward_inplace: logits must be contiguous, since "
+              "the gradient is written into their storage");
+  TORCH_CHECK(!(target.defined() && at::isFloatingType(target.scalar_type()) && target.is_same(logits)),
+              "torch_xent::cross_entropy_forward_inplace: the target cannot be the logits themselves");
+  return run_forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, logits);
+}
+
+}  // namespace torch_xent
+
+TORCH_LIBRARY_IMPL(torch_xent, CPU, m) {
+  m.impl("cross_entropy_forward", &torch_xent::cross_entropy_forward_cpu);
+  m.impl("cross_entropy_forward_inplace", &torch_xent::cross_entropy_forward_inplace_cpu);
+}
