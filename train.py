@@ -90,18 +90,32 @@ RUN_DEFINING = ("dataset", "task", "model", "hidden", "num_classes", "num_featur
 EXIT_BAD_ARGS, EXIT_NON_FINITE = 2, 3
 # ----------------------------------------------------------------------------------------------------------
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those flags take a per-dataset default that their help names."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def per_dataset(key):
+    return "default: " + ", ".join(f"{name} {d[key]}" for name, d in DATASET_DEFAULTS.items())
+
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="See the module docstring for more.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
 parser.add_argument("--dataset", choices=["iris", "synthetic"], default=dataset, help="the data")
 parser.add_argument("--task", choices=["species", "setosa"], default=task, help="iris: which labels")
 parser.add_argument("--model", choices=["linear", "mlp"], default=model_kind, help="the classifier")
 parser.add_argument("--hidden", type=int, default=hidden, help="mlp hidden width")
 parser.add_argument("--impl", choices=["auto", "native", "reference", "torch"], default=impl,
                     help="loss implementation (torch = F.cross_entropy)")
-parser.add_argument("--epochs", type=int, default=None, help="passes over the training set (per-dataset default)")
-parser.add_argument("--batch-size", type=int, default=None, help="rows per step and process (per-dataset default)")
-parser.add_argument("--lr", type=float, default=None, help="peak learning rate (per-dataset default)")
-parser.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="(per-dataset default)")
+parser.add_argument("--epochs", type=int, default=None, help=f"passes over the training set ({per_dataset('epochs')})")
+parser.add_argument("--batch-size", type=int, default=None,
+                    help=f"rows per step and process ({per_dataset('batch_size')})")
+parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({per_dataset('lr')})")
+parser.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
+                    help=f"sgd (with momentum) or adamw ({per_dataset('optimizer')})")
 parser.add_argument("--momentum", type=float, default=momentum, help="sgd momentum")
 parser.add_argument("--weight-decay", type=float, default=weight_decay, help="weight decay")
 parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default=lr_schedule, help="learning-rate schedule")

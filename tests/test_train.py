@@ -95,6 +95,8 @@ def test_help_lists_the_flags():
     for flag in ("--dataset", "--model", "--impl", "--epochs", "--batch-size", "--lr", "--seed", "--logdir",
                  "--device", "--resume", "--check-grad", "--task", "--num-classes", "--label-smoothing", "--z-loss"):
         assert flag in proc.stdout
+    assert "default: None" not in proc.stdout  # the per-dataset defaults are spelled out instead
+    assert "(default: iris 30, synthetic 3)" in " ".join(proc.stdout.split()), proc.stdout
 
 
 def test_default_run_reaches_accuracy(default_run):
