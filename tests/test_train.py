@@ -345,11 +345,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_all_ignored_batches_are_skipped_not_errors(tmp_path):
-    proc = run_train(tmp_path, "--ignore-fraction", 0.6, "--batch-size", 2, "--epochs", 2)
+    # Also the default run directory: runs/<time>-<dataset>-<model> under the working directory.
+    flags = ["--ignore-fraction", "0.6", "--batch-size", "2", "--epochs", "2"]
+    proc = subprocess.run([sys.executable, str(TRAIN), *flags], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all-ignored batches skipped" in proc.stdout
-    logged = series(events(tmp_path), "train/loss")
+    (logdir,) = (tmp_path / "runs").iterdir()
+    assert logdir.name.endswith("-iris-linear") and time.strptime(logdir.name[:15], "%Y%m%d-%H%M%S")
+    logged = series(events(logdir), "train/loss")
     assert 0 < len(logged) < 120 and all(math.isfinite(v) for _, v in logged)
-    assert load_checkpoint(tmp_path)["step"] == 120
+    assert load_checkpoint(logdir)["step"] == 120
 
 
 def test_synthetic_many_classes(tmp_path):
