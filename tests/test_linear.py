@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_xent
-from torch_xent.linear import CHUNK_BYTES, LinearCrossEntropyLoss, default_chunk_rows, linear_cross_entropy
+from torch_xent.linear import CHUNK_BYTES, MIN_CHUNK_ROWS, LinearCrossEntropyLoss, default_chunk_rows, linear_cross_entropy
 
 IMPLS = ["reference"] + (["native"] if torch_xent.native_available("cpu") else [])
 N, D, V = 37, 16, 50
@@ -187,7 +187,7 @@ def test_module_and_options():
 
 def test_default_chunk_size():
     rows = default_chunk_rows(4096, 32000, torch.float32)
-    assert 1 <= rows <= 4096 and (rows * 32000 * 4 <= CHUNK_BYTES or rows <= 128)
+    assert 1 <= rows <= 4096 and (rows * 32000 * 4 <= CHUNK_BYTES or rows <= MIN_CHUNK_ROWS)
     assert default_chunk_rows(10, 32000, torch.float32) == 10
     assert default_chunk_rows(10**6, 10**9, torch.float32) >= 1
 
