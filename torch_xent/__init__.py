@@ -3,17 +3,23 @@
 from torch_xent._config import show_config
 from torch_xent._native import cuda_version, native_available
 from torch_xent.function import SoftmaxCrossEntropyFunction
+from torch_xent import parallel
 from torch_xent.functional import cross_entropy, cross_entropy_with_lse
+from torch_xent.linear import LinearCrossEntropyFunction, LinearCrossEntropyLoss, linear_cross_entropy
 from torch_xent.modules import CrossEntropyLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "LinearCrossEntropyFunction",
+    "LinearCrossEntropyLoss",
     "SoftmaxCrossEntropyFunction",
     "cross_entropy",
     "cross_entropy_with_lse",
     "cuda_version",
+    "linear_cross_entropy",
     "native_available",
+    "parallel",
     "show_config",
 ]
