@@ -51,11 +51,22 @@ cpu::RowsFn rows_kernel() {
 // floating-point additions does not depend on the thread count.
 constexpr int64_t kSumBlock = 1 << 14;
 
+// at::parallel_for opens a parallel region (waking every thread) for any range of at least one grain;
+// a single block runs here directly.
+template <typename F>
+void for_each_block(int64_t blocks, const F& f) {
+  if (blocks <= 1) {
+    f(0, blocks);
+  } else {
+    at::parallel_for(0, blocks, 1, f);
+  }
+}
+
 template <typename acc_t>
 double deterministic_sum(const acc_t* x, int64_t n) {
   const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
   std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  for_each_block(blocks, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       double s = 0;
       for (int64_t i = b * kSumBlock, e = std::min(n, (b + 1) * kSumBlock); i < e; ++i) s += x[i];
@@ -76,7 +87,7 @@ double check_class_targets(const int64_t* y, int64_t rows, int64_t classes, int6
   const int64_t blocks = (rows + kSumBlock - 1) / kSumBlock;
   std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> first_bad(static_cast<size_t>(blocks), -1);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  for_each_block(blocks, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       double s = 0;
       int64_t bad = -1;
@@ -226,7 +237,11 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
     const cpu::RowsFn kernel = rows_kernel();
     // About 32K elements per task: small problems stay on the calling thread.
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / classes);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+    if (rows <= grain) {
+      kernel(args, 0, rows);
+    } else {
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+    }
   }
 
   if (reduction == kReductionNone) return {row_loss, lse};
