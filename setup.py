@@ -62,12 +62,12 @@ def extension_modules():
     sources = [os.path.join("csrc", "xent.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources = [os.path.relpath(os.path.join(ROOT, s), ROOT) for s in sources]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
     define_macros = []
     extra_link = []
     sanitize = os.environ.get("TORCH_XENT_SANITIZE")
     if sanitize:  # e.g. address,undefined: see the README's development section
-        cxx_flags = ["-O1", "-g", "-std=c++17", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
+        cxx_flags = ["-O1", "-g", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
         extra_link.append(f"-fsanitize={sanitize}")
         say(f"building with -fsanitize={sanitize}")
 
@@ -101,7 +101,7 @@ def extension_modules():
         say(f"building C++ and CUDA kernels (nvcc {major}.{minor}, torch CUDA {torch.version.cuda}, "
             f"arch list {os.environ['TORCH_CUDA_ARCH_LIST']})")
         define_macros.append(("TORCH_XENT_WITH_CUDA", str(major * 100 + minor)))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "torch_xent._C", sources + cuda_sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=extra_link)
