@@ -286,6 +286,14 @@ class RowKernel {
     return at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, x);
   }
   acc_t capped(acc_t z) const { return softcap_value(z, cap_); }
+  // A hint only: x86 prefetches never fault, even past the end of the logits.
+  static void prefetch(const void* p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 3);
+#else
+    (void)p;
+#endif
+  }
 
   // Visits the blocks of columns [c0, c1) as f(j, n, slot): full blocks two at a time, alternating
   // between two accumulator slots (two independent dependency chains), then the partial block at
@@ -360,6 +368,10 @@ class RowKernel {
           vqz[i] = Vec(acc_t(0));
         }
         for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) {
+          // While this loop computes, fetch the next chunk (or the next row's first) for the max
+          // loop: memory and arithmetic overlap instead of taking turns.
+          prefetch(z + j + kChunk);
+          if (kProb) prefetch(t + j + kChunk);
           Vec v[K];
           if constexpr (kSoftcap) {
             load_acc(scratch + j, v);
