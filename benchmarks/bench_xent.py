@@ -331,6 +331,9 @@ def main():
         f"- machine: {machine}.{load}",
         f"- copy bandwidth (read + write of a large tensor copy): {copy_bw / 1e9:.1f} GB/s at the start, "
         f"{copy_bw_end / 1e9:.1f} GB/s at the end; the floor uses the first",
+        f"- PyTorch's CPU allocator huge pages (THP_MEM_ALLOC_ENABLE): "
+        f"{'on' if os.environ.get('THP_MEM_ALLOC_ENABLE', '0') not in ('', '0') else 'off'}; the native kernel asks "
+        "for them on its own gradient buffer",
         f"- {reps} interleaved repetitions per contender, medians; command: "
         f"`python benchmarks/bench_xent.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",

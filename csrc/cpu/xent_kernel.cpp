@@ -19,6 +19,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "cpu/xent_cpu.h"
 #include "xent_math.h"
 
@@ -107,6 +111,25 @@ double check_class_targets(const int64_t* y, int64_t rows, int64_t classes, int6
     denom += partial[static_cast<size_t>(b)];
   }
   return denom;
+}
+
+// A fresh gradient buffer is not touched here: its pages are first touched by the row kernel, in
+// parallel, as each thread writes its rows. Those first touches (page faults, and the kernel zeroing
+// each page) cost more than the kernel itself: about 0.4 s per GiB in 4 KiB pages on the 2-core
+// machine of benchmarks/results/cpu.md. Transparent huge pages, where the system leaves them to
+// madvise (the usual default), cut that to about 0.1 s per GiB; PyTorch's own allocator does the same
+// for every allocation when THP_MEM_ALLOC_ENABLE=1.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 cpu::DType kernel_dtype(at::ScalarType t) {
@@ -247,9 +270,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logit
   const Tensor logits = logits_in.contiguous();
   Tensor grad;
   if (compute_grad) {
-    // Not touched here: its pages are first touched by the row kernel, in parallel, as it writes
-    // each row (transparent huge pages made those first touches slower on the machines we tried).
     grad = at::empty(logits.sizes(), logits.options());
+    advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
   }
   auto [loss, lse] = run_forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
                                  grad);
