@@ -64,8 +64,8 @@ struct Block<c10::BFloat16> : HalfBlock<c10::BFloat16> {};
 template <>
 struct Block<c10::Half> : HalfBlock<c10::Half> {};
 
-// exp for the kernel's arguments, which are <= 0 up to rounding (z - max, z - lse) or -inf, and give
-// exactly 0 for -inf. ATen's Vectorized::exp_u20 is not inlined by g++ (a call per vector, with
+// exp for the kernel's arguments, which are <= 0 up to rounding (z - max, z - lse) or -inf (exactly 0
+// then) or NaN (NaN then). ATen's Vectorized::exp_u20 is not inlined by g++ (a call per vector, with
 // every live vector spilled around it), hence these always-inlined versions for the x86 variants:
 // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2], exp(r) by its Taylor
 // polynomial of degree 6 (relative error below 1e-7). A NaN argument stays NaN.
@@ -83,9 +83,9 @@ using FloatReg = __m256;
 #define XENT_PS(op) _mm256_##op##_ps
 #endif
 TORCH_XENT_ALWAYS_INLINE FloatReg exp_poly_reduce(FloatReg x, FloatReg* n_out) {
-  // max(c, x) returns x when x is NaN; exp(-110) is below float's smallest denormal.
+  // max(c, x) returns x when x is NaN; exp(-110) is below float's smallest denormal. No upper clamp:
+  // the arguments are at most a rounding error above 0.
   x = XENT_PS(max)(XENT_PS(set1)(-110.0f), x);
-  x = XENT_PS(min)(XENT_PS(set1)(88.7f), x);
 #if defined(CPU_CAPABILITY_AVX512)
   const FloatReg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -122,6 +122,14 @@ TORCH_XENT_ALWAYS_INLINE Vectorized<float> vexp(const Vectorized<float>& v) {
 }
 #undef XENT_PS
 #undef TORCH_XENT_ALWAYS_INLINE
+#endif
+
+// The hot loops are lambdas over blocks; g++ leaves the larger ones (two vectors per block for the
+// half types) as calls per block unless told to inline everything into the pass.
+#if defined(__GNUC__)
+#define TORCH_XENT_FLATTEN __attribute__((flatten))
+#else
+#define TORCH_XENT_FLATTEN
 #endif
 
 // max that propagates NaN from either side, as torch.max does.
@@ -325,7 +333,7 @@ class RowKernel {
   // to the chunk max; the chunks then combine relative to the row max, so that logits of magnitude
   // 1e4 lose no digits (the loss is sum_q * log_sum - sum_j q_j (zc_j - max), as the reference has it).
   // need_q: the target distribution has a part beyond the class target (smoothing or probabilities).
-  Stats pass_a(const scalar_t* z, const scalar_t* t, bool need_q) {
+  TORCH_XENT_FLATTEN Stats pass_a(const scalar_t* z, const scalar_t* t, bool need_q) {
     acc_t* scratch = scratch_;
     acc_t row_max = -kInf;
     for (int64_t k = 0, c0 = 0; c0 < C_; ++k, c0 += kChunk) {
@@ -342,7 +350,9 @@ class RowKernel {
           }
           store_acc(scratch + j, v);
         }
-        for (int i = 0; i < K; ++i) vmax[slot * K + i] = at::vec::maximum(vmax[slot * K + i], v[i]);
+        // A plain max (one instruction; at::vec::maximum takes four to propagate NaN): a NaN that it
+        // drops still turns its exp, hence the chunk's sum and the row, into NaN below.
+        for (int i = 0; i < K; ++i) vmax[slot * K + i] = at::vec::clamp_min(v[i], vmax[slot * K + i]);
       });
       const acc_t m = hmax(vmax, 2 * K);
       acc_t s = 0, qsum = 0, qz = 0;
@@ -352,12 +362,19 @@ class RowKernel {
         if (kGrad && !kSoftcap) {
           for (int64_t j = c0, e = std::min(padded_, c0 + kChunk); j < e; ++j) scratch[j] = acc_t(0);
         }
+        // A NaN that the plain max dropped. (An OR of flags: g++ 12 -O3 vectorises the form
+        // `if (isnan(z_j)) s = NaN` into a min reduction that loses the NaN.)
+        bool has_nan = false;
+        for (int64_t j = c0; j < c1; ++j) has_nan |= std::isnan(static_cast<acc_t>(z[j]));
+        if (has_nan) s = std::numeric_limits<acc_t>::quiet_NaN();
         if (need_q) {
+          bool has_q = false;
           for (int64_t j = c0; j < c1; ++j) {
             const acc_t q = q_at(t, j);
             qsum += q;
-            if (q != acc_t(0)) qz = -kInf;
+            has_q |= q != acc_t(0);
           }
+          if (has_q) qz = -kInf;
         }
       } else {
         const Vec vm(m);
@@ -421,7 +438,7 @@ class RowKernel {
 
   // The gradient write: g = scale * ((coef * p - q) * chain) for every class, where q holds the part
   // of the target distribution beyond the class target (whose own term the caller fixes up).
-  void pass_b(const scalar_t* t, scalar_t* g, acc_t lse, acc_t coef, bool need_q) {
+  TORCH_XENT_FLATTEN void pass_b(const scalar_t* t, scalar_t* g, acc_t lse, acc_t coef, bool need_q) {
     const Vec vscale(scale_), vlse(lse), vinv(inv_cap_), one(acc_t(1));
     const acc_t* scratch = scratch_;
     for (int64_t k = 0, c0 = 0; c0 < C_; ++k, c0 += kChunk) {
