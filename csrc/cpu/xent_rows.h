@@ -532,11 +532,12 @@ class RowKernel {
   acc_t* chunk_qz_ = nullptr;   // (num_chunks_,) sum of q (zc - chunk max) over the chunk
 };
 
-// Few classes (iris has 3): a row is shorter than one vector, and RowKernel's per-row work
-// (horizontal reductions, scalar exp and log, partial blocks) would cost more than the row itself.
+// Few classes (iris has 3): a row is a few vectors at most, and RowKernel's per-row work (horizontal
+// reductions, scalar exp and log, partial blocks: about 100 ns a row) would cost more than the row.
 // Here a group of Vec::size() rows is transposed into a (C, rows) buffer and every step is one vector
-// operation across the group's rows. Class targets without softcap; the rest goes to RowKernel.
-constexpr int64_t kSmallClasses = 16;
+// operation across the group's rows (about 1.2 ns per class and row with AVX-512, so this wins up to
+// C = 64). Class targets without softcap; the rest goes to RowKernel.
+constexpr int64_t kSmallClasses = 64;
 
 template <typename scalar_t, bool kGrad>
 class SmallClassKernel {
