@@ -3,9 +3,9 @@
 // CPU_CAPABILITY_<ISA>, and turns the instruction set on, before including this file.
 //
 // Per row, the logits are read from memory once, a chunk at a time (kChunk elements, which stay in
-// L1): a first loop over the chunk takes its max (and the target terms), a second loop sums
-// exp(z - chunk max) and, when a gradient is wanted, keeps those exponentials in a per-thread
-// scratch row of the accumulation type. The chunks' (max, sum) pairs combine into the row's
+// L1): a first loop over the chunk takes its max, a second loop sums exp(z - chunk max) (and the
+// target terms) while the next chunk is prefetched and, when a gradient is wanted, keeps those
+// exponentials in a per-thread scratch row of the accumulation type. The chunks' (max, sum) pairs combine into the row's
 // log-sum-exp, and the gradient pass then reads the scratch row (in L2), rescales each chunk by
 // exp(chunk max - lse) and writes the gradient: one exp per element, one read of the logits and one
 // write of the gradient (into the logits themselves for the in-place op, whose row is still cached).
@@ -68,7 +68,7 @@ struct Block<c10::Half> : HalfBlock<c10::Half> {};
 // then) or NaN (NaN then). ATen's Vectorized::exp_u20 is not inlined by g++ (a call per vector, with
 // every live vector spilled around it), hence these always-inlined versions for the x86 variants:
 // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2], exp(r) by its Taylor
-// polynomial of degree 6 (relative error below 1e-7). A NaN argument stays NaN.
+// polynomial of degree 6 (relative error about 2e-7). A NaN argument stays NaN.
 template <typename Vec>
 inline Vec vexp(const Vec& x) {
   return x.exp();
@@ -294,7 +294,7 @@ class RowKernel {
     return at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, x);
   }
   acc_t capped(acc_t z) const { return softcap_value(z, cap_); }
-  // A hint only: x86 prefetches never fault, even past the end of the logits.
+  // A hint only: prefetches never fault, even past the end of the logits.
   static void prefetch(const void* p) {
 #if defined(__GNUC__)
     __builtin_prefetch(p, 0, 3);
@@ -322,7 +322,7 @@ class RowKernel {
   }
 
   struct Stats {
-    acc_t max;      // of the (capped) logits, NaN if any is NaN
+    acc_t max;      // of the (capped) logits (may miss a NaN, which log_sum then carries)
     acc_t log_sum;  // log sum_j exp(zc_j - max)
     acc_t sum_q;    // probability targets: sum_j q_j
     acc_t qz;       // sum_j q_j (zc_j - max) over the probability / smoothing part of q (0 where q_j = 0)
