@@ -3,9 +3,9 @@
 // CPU_CAPABILITY_<ISA>, and turns the instruction set on, before including this file.
 //
 // Per row, the logits are read from memory once, a chunk at a time (kChunk elements, which stay in
-// L1): a first loop over the chunk takes its max, a second loop sums exp(z - chunk max) (and the
-// target terms) while the next chunk is prefetched and, when a gradient is wanted, keeps those
-// exponentials in a per-thread scratch row of the accumulation type. The chunks' (max, sum) pairs combine into the row's
+// L1): a first loop over the chunk takes its max (and the target terms), a second loop sums
+// exp(z - chunk max) and, when a gradient is wanted, keeps those exponentials in a per-thread
+// scratch row of the accumulation type. The chunks' (max, sum) pairs combine into the row's
 // log-sum-exp, and the gradient pass then reads the scratch row (in L2), rescales each chunk by
 // exp(chunk max - lse) and writes the gradient: one exp per element, one read of the logits and one
 // write of the gradient (into the logits themselves for the in-place op, whose row is still cached).
@@ -64,11 +64,11 @@ struct Block<c10::BFloat16> : HalfBlock<c10::BFloat16> {};
 template <>
 struct Block<c10::Half> : HalfBlock<c10::Half> {};
 
-// exp for the kernel's arguments, which are <= 0 up to rounding (z - max, z - lse) or -inf (exactly 0
-// then) or NaN (NaN then). ATen's Vectorized::exp_u20 is not inlined by g++ (a call per vector, with
+// exp for the kernel's arguments, which are <= 0 up to rounding (z - max, z - lse) or -inf, and give
+// exactly 0 for -inf. ATen's Vectorized::exp_u20 is not inlined by g++ (a call per vector, with
 // every live vector spilled around it), hence these always-inlined versions for the x86 variants:
 // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2], exp(r) by its Taylor
-// polynomial of degree 6 (relative error about 2e-7). A NaN argument stays NaN.
+// polynomial of degree 6 (relative error below 1e-7). A NaN argument stays NaN.
 template <typename Vec>
 inline Vec vexp(const Vec& x) {
   return x.exp();
@@ -83,9 +83,9 @@ using FloatReg = __m256;
 #define XENT_PS(op) _mm256_##op##_ps
 #endif
 TORCH_XENT_ALWAYS_INLINE FloatReg exp_poly_reduce(FloatReg x, FloatReg* n_out) {
-  // max(c, x) returns x when x is NaN; exp(-110) is below float's smallest denormal. No upper clamp:
-  // the arguments are at most a rounding error above 0.
+  // max(c, x) returns x when x is NaN; exp(-110) is below float's smallest denormal.
   x = XENT_PS(max)(XENT_PS(set1)(-110.0f), x);
+  x = XENT_PS(min)(XENT_PS(set1)(88.7f), x);
 #if defined(CPU_CAPABILITY_AVX512)
   const FloatReg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -122,14 +122,6 @@ TORCH_XENT_ALWAYS_INLINE Vectorized<float> vexp(const Vectorized<float>& v) {
 }
 #undef XENT_PS
 #undef TORCH_XENT_ALWAYS_INLINE
-#endif
-
-// The hot loops are lambdas over blocks; g++ leaves the larger ones (two vectors per block for the
-// half types) as calls per block unless told to inline everything into the pass.
-#if defined(__GNUC__)
-#define TORCH_XENT_FLATTEN __attribute__((flatten))
-#else
-#define TORCH_XENT_FLATTEN
 #endif
 
 // max that propagates NaN from either side, as torch.max does.
@@ -294,14 +286,6 @@ class RowKernel {
     return at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, x);
   }
   acc_t capped(acc_t z) const { return softcap_value(z, cap_); }
-  // A hint only: prefetches never fault, even past the end of the logits.
-  static void prefetch(const void* p) {
-#if defined(__GNUC__)
-    __builtin_prefetch(p, 0, 3);
-#else
-    (void)p;
-#endif
-  }
 
   // Visits the blocks of columns [c0, c1) as f(j, n, slot): full blocks two at a time, alternating
   // between two accumulator slots (two independent dependency chains), then the partial block at
@@ -322,7 +306,7 @@ class RowKernel {
   }
 
   struct Stats {
-    acc_t max;      // of the (capped) logits (may miss a NaN, which log_sum then carries)
+    acc_t max;      // of the (capped) logits, NaN if any is NaN
     acc_t log_sum;  // log sum_j exp(zc_j - max)
     acc_t sum_q;    // probability targets: sum_j q_j
     acc_t qz;       // sum_j q_j (zc_j - max) over the probability / smoothing part of q (0 where q_j = 0)
@@ -333,7 +317,7 @@ class RowKernel {
   // to the chunk max; the chunks then combine relative to the row max, so that logits of magnitude
   // 1e4 lose no digits (the loss is sum_q * log_sum - sum_j q_j (zc_j - max), as the reference has it).
   // need_q: the target distribution has a part beyond the class target (smoothing or probabilities).
-  TORCH_XENT_FLATTEN Stats pass_a(const scalar_t* z, const scalar_t* t, bool need_q) {
+  Stats pass_a(const scalar_t* z, const scalar_t* t, bool need_q) {
     acc_t* scratch = scratch_;
     acc_t row_max = -kInf;
     for (int64_t k = 0, c0 = 0; c0 < C_; ++k, c0 += kChunk) {
@@ -350,9 +334,7 @@ class RowKernel {
           }
           store_acc(scratch + j, v);
         }
-        // A plain max (one instruction; at::vec::maximum takes four to propagate NaN): a NaN that it
-        // drops still turns its exp, hence the chunk's sum and the row, into NaN below.
-        for (int i = 0; i < K; ++i) vmax[slot * K + i] = at::vec::clamp_min(v[i], vmax[slot * K + i]);
+        for (int i = 0; i < K; ++i) vmax[slot * K + i] = at::vec::maximum(vmax[slot * K + i], v[i]);
       });
       const acc_t m = hmax(vmax, 2 * K);
       acc_t s = 0, qsum = 0, qz = 0;
@@ -362,19 +344,12 @@ class RowKernel {
         if (kGrad && !kSoftcap) {
           for (int64_t j = c0, e = std::min(padded_, c0 + kChunk); j < e; ++j) scratch[j] = acc_t(0);
         }
-        // A NaN that the plain max dropped. (An OR of flags: g++ 12 -O3 vectorises the form
-        // `if (isnan(z_j)) s = NaN` into a min reduction that loses the NaN.)
-        bool has_nan = false;
-        for (int64_t j = c0; j < c1; ++j) has_nan |= std::isnan(static_cast<acc_t>(z[j]));
-        if (has_nan) s = std::numeric_limits<acc_t>::quiet_NaN();
         if (need_q) {
-          bool has_q = false;
           for (int64_t j = c0; j < c1; ++j) {
             const acc_t q = q_at(t, j);
             qsum += q;
-            has_q |= q != acc_t(0);
+            if (q != acc_t(0)) qz = -kInf;
           }
-          if (has_q) qz = -kInf;
         }
       } else {
         const Vec vm(m);
@@ -385,10 +360,6 @@ class RowKernel {
           vqz[i] = Vec(acc_t(0));
         }
         for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) {
-          // While this loop computes, fetch the next chunk (or the next row's first) for the max
-          // loop: memory and arithmetic overlap instead of taking turns.
-          prefetch(z + j + kChunk);
-          if (kProb) prefetch(t + j + kChunk);
           Vec v[K];
           if constexpr (kSoftcap) {
             load_acc(scratch + j, v);
@@ -438,7 +409,7 @@ class RowKernel {
 
   // The gradient write: g = scale * ((coef * p - q) * chain) for every class, where q holds the part
   // of the target distribution beyond the class target (whose own term the caller fixes up).
-  TORCH_XENT_FLATTEN void pass_b(const scalar_t* t, scalar_t* g, acc_t lse, acc_t coef, bool need_q) {
+  void pass_b(const scalar_t* t, scalar_t* g, acc_t lse, acc_t coef, bool need_q) {
     const Vec vscale(scale_), vlse(lse), vinv(inv_cap_), one(acc_t(1));
     const acc_t* scratch = scratch_;
     for (int64_t k = 0, c0 = 0; c0 < C_; ++k, c0 += kChunk) {
@@ -532,12 +503,11 @@ class RowKernel {
   acc_t* chunk_qz_ = nullptr;   // (num_chunks_,) sum of q (zc - chunk max) over the chunk
 };
 
-// Few classes (iris has 3): a row is a few vectors at most, and RowKernel's per-row work (horizontal
-// reductions, scalar exp and log, partial blocks: about 100 ns a row) would cost more than the row.
+// Few classes (iris has 3): a row is shorter than one vector, and RowKernel's per-row work
+// (horizontal reductions, scalar exp and log, partial blocks) would cost more than the row itself.
 // Here a group of Vec::size() rows is transposed into a (C, rows) buffer and every step is one vector
-// operation across the group's rows (about 1.2 ns per class and row with AVX-512, so this wins up to
-// C = 64). Class targets without softcap; the rest goes to RowKernel.
-constexpr int64_t kSmallClasses = 64;
+// operation across the group's rows. Class targets without softcap; the rest goes to RowKernel.
+constexpr int64_t kSmallClasses = 16;
 
 template <typename scalar_t, bool kGrad>
 class SmallClassKernel {
