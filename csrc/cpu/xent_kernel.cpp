@@ -26,6 +26,12 @@
 #include "cpu/xent_cpu.h"
 #include "xent_math.h"
 
+// With ATen's OpenMP backend, at::parallel_for is an inline `#pragma omp parallel`: compiled without
+// -fopenmp it quietly runs every row on one thread.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#warning "torch_xent: compiled without -fopenmp, so the CPU kernel runs on one thread; build with -fopenmp"
+#endif
+
 namespace torch_xent {
 namespace {
 
