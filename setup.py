@@ -70,6 +70,12 @@ def extension_modules():
         cxx_flags = ["-O1", "-g", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
         extra_link.append(f"-fsanitize={sanitize}")
         say(f"building with -fsanitize={sanitize}")
+    # ATen's parallel_for is an inline `#pragma omp parallel` in torch's OpenMP builds (every Linux
+    # wheel): without -fopenmp, which cpp_extension does not add, it runs every row on one thread.
+    # Linked like torch itself against libgomp.so.1, so the process keeps one OpenMP runtime.
+    if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        extra_link.append("-fopenmp")
 
     want_cuda = env_flag("TORCH_XENT_BUILD_CUDA", None)
     use_cuda = False
