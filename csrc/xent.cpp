@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu/xent_cpu.h"
+
 namespace torch_xent {
 
 int64_t cuda_version() {
@@ -52,6 +54,9 @@ TORCH_LIBRARY(torch_xent, m) {
   m.def("cross_entropy_backward(Tensor grad, Tensor grad_output) -> Tensor");
   // Which accelerator kernels were compiled in: -1 for none, else the CUDA major.minor as 100*major+minor.
   m.def("cuda_version() -> int", &torch_xent::cuda_version);
+  // How many threads the CPU kernel's at::parallel_for really runs on for `tasks` tasks of grain 1
+  // (a build check: 1 means the extension was compiled without the OpenMP that torch uses).
+  m.def("cpu_parallel_threads(int tasks) -> int", &torch_xent::cpu::parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(torch_xent, CompositeExplicitAutograd, m) {

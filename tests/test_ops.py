@@ -6,6 +6,7 @@ Every test runs on each device whose native kernel is built: the CPU, and CUDA o
 Without a compiled kernel these tests are skipped (the reference is tested in test_cross_entropy.py).
 """
 
+import io
 import os
 import subprocess
 import sys
@@ -196,6 +197,23 @@ def test_deterministic(device):
     for out in outs[1:]:
         for a, b in zip(out, outs[0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in NATIVE_DEVICES, reason="the CPU kernel is not built")
+def test_cpu_rows_run_in_parallel():
+    """The extension's at::parallel_for really uses torch's threads (it runs serially when the
+    extension is compiled without the OpenMP that torch's parallel backend is built on)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ops.cpu_parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert ops.cpu_parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert ops.cpu_parallel_threads(0) == 0
+    text = torch_xent.show_config(file=io.StringIO())
+    assert f"in parallel on {torch_xent._native.cpu_parallel_threads()} of {threads} threads" in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,10 @@ def show_config(file=None) -> str:
             used = "native kernel" if usable else "native kernel (no GPU visible now)"
         else:
             used = "reference (pure PyTorch)"
-        lines.append(f"  {device}: kernel {'built' if built else 'not built'}; impl='auto' uses the {used}")
+        threads = ""
+        if built and device == "cpu":
+            threads = f" (rows in parallel on {_native.cpu_parallel_threads()} of {torch.get_num_threads()} threads)"
+        lines.append(f"  {device}: kernel {'built' if built else 'not built'}{threads}; impl='auto' uses the {used}")
     text = "\n".join(lines)
     print(text, file=file)
     return text

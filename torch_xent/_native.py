@@ -57,6 +57,13 @@ def cuda_version() -> int:
     return int(torch.ops.torch_xent.cuda_version())
 
 
+def cpu_parallel_threads(tasks: int = 64) -> int:
+    """Threads the CPU kernel's row loop really runs on (1 if the extension was built without OpenMP)."""
+    if _C is None:
+        return 0
+    return int(torch.ops.torch_xent.cpu_parallel_threads(tasks))
+
+
 if _C is not None:
     _lib_ops = torch.ops.torch_xent
 

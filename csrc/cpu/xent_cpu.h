@@ -45,6 +45,10 @@ struct RowsArgs {
   double weight_total = 0.0;          // sum of the class weights (C without weights)
 };
 
+// The number of distinct threads that one at::parallel_for over `tasks` tasks of grain 1 runs on,
+// as compiled into this extension (1 when built without the OpenMP that torch's backend needs).
+int64_t parallel_threads(int64_t tasks);
+
 // Processes rows [begin, end) of the problem: writes row_loss, lse and (when grad) the gradient rows.
 using RowsFn = void (*)(const RowsArgs& args, int64_t begin, int64_t end);
 

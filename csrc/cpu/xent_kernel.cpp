@@ -15,7 +15,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -33,6 +36,18 @@
 #endif
 
 namespace torch_xent {
+
+int64_t cpu::parallel_threads(int64_t tasks) {
+  TORCH_CHECK(tasks >= 0, "cpu_parallel_threads: tasks must be >= 0, got ", tasks);
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 namespace {
 
 using at::Tensor;

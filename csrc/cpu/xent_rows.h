@@ -34,6 +34,17 @@ namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// The hot loops are lambdas handed to for_blocks and small load/store helpers: g++ does not always
+// inline them (it did not for the bfloat16 forward without gradient, which then made a call per
+// vector with every live vector spilled around it), so they are forced inline.
+#if defined(__GNUC__)
+#define XENT_INLINE inline __attribute__((always_inline))
+#define XENT_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define XENT_INLINE inline
+#define XENT_LAMBDA_INLINE
+#endif
+
 // One block is the elements of one Vectorized<scalar_t>, held as kVecs vectors of acc_t.
 template <typename scalar_t>
 struct Block {
@@ -41,8 +52,8 @@ struct Block {
   using Vec = Vectorized<acc_t>;
   static constexpr int kVecs = 1;
   static constexpr int64_t kSize = Vec::size();
-  static void load(const scalar_t* p, Vec* v) { v[0] = Vec::loadu(p); }
-  static void store(scalar_t* p, const Vec* v) { v[0].store(p); }
+  static XENT_INLINE void load(const scalar_t* p, Vec* v) { v[0] = Vec::loadu(p); }
+  static XENT_INLINE void store(scalar_t* p, const Vec* v) { v[0].store(p); }
 };
 
 // bfloat16 and float16 are computed in float32: one vector of them is two float vectors.
@@ -54,10 +65,10 @@ struct HalfBlock {
   static constexpr int kVecs = 2;
   static constexpr int64_t kSize = HVec::size();
   static_assert(HVec::size() == 2 * Vec::size(), "one half-precision vector converts to two float vectors");
-  static void load(const half_t* p, Vec* v) {
+  static XENT_INLINE void load(const half_t* p, Vec* v) {
     std::tie(v[0], v[1]) = at::vec::convert_to_float<half_t>(HVec::loadu(p));
   }
-  static void store(half_t* p, const Vec* v) { at::vec::convert_from_float<half_t>(v[0], v[1]).store(p); }
+  static XENT_INLINE void store(half_t* p, const Vec* v) { at::vec::convert_from_float<half_t>(v[0], v[1]).store(p); }
 };
 template <>
 struct Block<c10::BFloat16> : HalfBlock<c10::BFloat16> {};
@@ -205,14 +216,14 @@ class RowKernel {
     B::load(tmp, v);
   }
   // Lanes past the row's end hold -inf: they change neither the max nor the sum of exponentials.
-  static void load_logits(const scalar_t* p, int64_t n, Vec* v) {
+  static XENT_INLINE void load_logits(const scalar_t* p, int64_t n, Vec* v) {
     if (n == kS) {
       B::load(p, v);
     } else {
       load_partial(p, n, static_cast<scalar_t>(-std::numeric_limits<float>::infinity()), v);
     }
   }
-  static void store_grad(scalar_t* p, int64_t n, const Vec* v) {
+  static XENT_INLINE void store_grad(scalar_t* p, int64_t n, const Vec* v) {
     if (n == kS) {
       B::store(p, v);
     } else {
@@ -221,18 +232,18 @@ class RowKernel {
       for (int64_t k = 0; k < n; ++k) p[k] = tmp[k];
     }
   }
-  static void load_acc(const acc_t* p, Vec* v) {
+  static XENT_INLINE void load_acc(const acc_t* p, Vec* v) {
     for (int i = 0; i < K; ++i) v[i] = Vec::loadu(p + i * kVS);
   }
-  static void store_acc(acc_t* p, const Vec* v) {
+  static XENT_INLINE void store_acc(acc_t* p, const Vec* v) {
     for (int i = 0; i < K; ++i) v[i].store(p + i * kVS);
   }
   // All-ones lanes for the valid elements of vector i of a block holding n elements.
-  static Vec lane_mask(int i, int64_t n) {
+  static XENT_INLINE Vec lane_mask(int i, int64_t n) {
     return Vec::arange(static_cast<acc_t>(i * kVS), acc_t(1)) < Vec(static_cast<acc_t>(n));
   }
   // Class weights of the block (1 without weights), 0 past the row's end.
-  void load_weight(int64_t j, int64_t n, Vec* w) const {
+  XENT_INLINE void load_weight(int64_t j, int64_t n, Vec* w) const {
     if (weight_ != nullptr) {
       if (n == kS) {
         load_acc(weight_ + j, w);
@@ -249,7 +260,7 @@ class RowKernel {
   }
   // The part of the target distribution beyond the class target, 0 past the row's end:
   // q = w * ((1 - eps) t + eps / C) for probabilities, q = w * eps / C for a smoothed class target.
-  void load_q(const scalar_t* t, int64_t j, int64_t n, Vec* q) const {
+  XENT_INLINE void load_q(const scalar_t* t, int64_t j, int64_t n, Vec* q) const {
     Vec w[K];
     load_weight(j, n, w);
     if constexpr (kProb) {
@@ -274,7 +285,7 @@ class RowKernel {
     }
   }
   // q * z, with q == 0 counting as 0 even where z = -inf (see weighted_logit in xent_math.h).
-  static Vec weighted(const Vec& q, const Vec& z) { return Vec::blendv(q * z, Vec(acc_t(0)), q == Vec(acc_t(0))); }
+  static XENT_INLINE Vec weighted(const Vec& q, const Vec& z) { return Vec::blendv(q * z, Vec(acc_t(0)), q == Vec(acc_t(0))); }
   static acc_t hmax(const Vec* v, int count) {
     Vec x = v[0];
     for (int i = 1; i < count; ++i) x = at::vec::maximum(x, v[i]);
@@ -291,7 +302,7 @@ class RowKernel {
   // between two accumulator slots (two independent dependency chains), then the partial block at
   // the row's end, if any. n is the constant kS in the loop, so the partial-block code folds away.
   template <typename F>
-  static void for_blocks(int64_t c0, int64_t c1, F&& f) {
+  static XENT_INLINE void for_blocks(int64_t c0, int64_t c1, F&& f) {
     const int64_t full = c0 + (c1 - c0) / kS * kS;
     int64_t j = c0;
     for (; j + 2 * kS <= full; j += 2 * kS) {
@@ -324,7 +335,7 @@ class RowKernel {
       const int64_t c1 = std::min(C_, c0 + kChunk);
       Vec vmax[2 * K];
       for (int i = 0; i < 2 * K; ++i) vmax[i] = Vec(-kInf);
-      for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) {
+      for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) XENT_LAMBDA_INLINE {
         Vec v[K];
         load_logits(z + j, n, v);
         if constexpr (kSoftcap) {
@@ -359,7 +370,7 @@ class RowKernel {
           vq[i] = Vec(acc_t(0));
           vqz[i] = Vec(acc_t(0));
         }
-        for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) {
+        for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) XENT_LAMBDA_INLINE {
           Vec v[K];
           if constexpr (kSoftcap) {
             load_acc(scratch + j, v);
@@ -415,7 +426,7 @@ class RowKernel {
     for (int64_t k = 0, c0 = 0; c0 < C_; ++k, c0 += kChunk) {
       const int64_t c1 = std::min(C_, c0 + kChunk);
       const Vec vf(kSoftcap ? coef : scale_ * coef * std::exp(chunk_max_[k] - lse));
-      for_blocks(c0, c1, [&](int64_t j, int64_t n, int) {
+      for_blocks(c0, c1, [&](int64_t j, int64_t n, int) XENT_LAMBDA_INLINE {
         Vec v[K], q[K];
         load_acc(scratch + j, v);
         if (need_q) load_q(t, j, n, q);
@@ -649,6 +660,9 @@ void cross_entropy_rows(const RowsArgs& a, int64_t begin, int64_t end) {
       return rows_for<c10::Half>(a, begin, end);
   }
 }
+
+#undef XENT_INLINE
+#undef XENT_LAMBDA_INLINE
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
