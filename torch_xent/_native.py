@@ -57,11 +57,12 @@ def cuda_version() -> int:
     return int(torch.ops.torch_xent.cuda_version())
 
 
-def cpu_parallel_threads(tasks: int = 64) -> int:
-    """Threads the CPU kernel's row loop really runs on (1 if the extension was built without OpenMP)."""
+def cpu_parallel_threads(tasks=None) -> int:
+    """Threads the CPU kernel's row loop really runs on for ``tasks`` rows (default: one per thread
+    torch uses); 1 if the extension was built without OpenMP, 0 without the extension."""
     if _C is None:
         return 0
-    return int(torch.ops.torch_xent.cpu_parallel_threads(tasks))
+    return int(torch.ops.torch_xent.cpu_parallel_threads(torch.get_num_threads() if tasks is None else tasks))
 
 
 if _C is not None:
