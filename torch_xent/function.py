@@ -100,7 +100,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             ctx.grad_buffer = grad
         ctx.save_for_backward(*to_save)
         ctx.mark_non_differentiable(lse)
-        return loss.to(logits.dtype), lse
+        return (loss if loss.dtype == logits.dtype else loss.to(logits.dtype)), lse
 
     @staticmethod
     def backward(ctx, grad_output, _grad_lse):
@@ -125,12 +125,17 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         return grad_logits, grad_target, None, None, None, None, None, None, None, None
 
 
+# functorch's predicates for a tensor seen through vmap, looked up once (the backward runs per step).
+_BATCHED_CHECKS = tuple(getattr(torch._C._functorch, name)
+                        for name in ("is_functorch_wrapped_tensor", "is_batchedtensor", "is_legacy_batchedtensor")
+                        if hasattr(getattr(torch._C, "_functorch", None), name))
+
+
 def _is_batched(t) -> bool:
-    ft = getattr(torch._C, "_functorch", None)
-    if ft is None:
-        return False
-    checks = ("is_functorch_wrapped_tensor", "is_batchedtensor", "is_legacy_batchedtensor")
-    return any(getattr(ft, name)(t) for name in checks if hasattr(ft, name))
+    for check in _BATCHED_CHECKS:
+        if check(t):
+            return True
+    return False
 
 
 def _scaled(grad, grad_output):

@@ -171,6 +171,6 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         loss, lse, _ = fused_forward(logits, tgt, weight, reduction, ignore_index, float(label_smoothing),
                                      float(z_loss), softcap, False, False, use_native)
         loss = loss.to(input.dtype)
-    if reduction == "none":
+    if reduction == "none" and len(out_shape) != 1:
         loss = loss.reshape(out_shape)
-    return loss, lse.reshape(out_shape)
+    return loss, (lse if len(out_shape) == 1 else lse.reshape(out_shape))
