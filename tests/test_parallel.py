@@ -2,7 +2,6 @@
 F.cross_entropy on the full logits: values and each rank's slice of the gradient."""
 
 import datetime
-import socket
 import time
 import traceback
 
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from helpers import free_port
 from torch_xent.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 N, V = 13, 23
@@ -168,17 +168,11 @@ def _worker(rank, world, port, results):
         results.put((rank, [traceback.format_exc()]))
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_matches_single_process(world):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()

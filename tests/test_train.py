@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import free_port
 
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 
@@ -156,12 +157,6 @@ def test_default_run_logs_every_tag_once_per_step(default_run):
         assert math.isfinite(lse)
     lrs = [v for _, v in series(acc, "opt/lr")]
     assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01, rel=1e-3)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tensorboard_server_serves_the_scalars(default_run):
