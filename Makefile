@@ -30,6 +30,10 @@ train: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# The suite without the tests marked slow (minutes or several GB of memory each).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
 bench: setup
 	$(PY) benchmarks/bench_xent.py
 

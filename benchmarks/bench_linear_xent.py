@@ -6,7 +6,7 @@
 Contenders (all compute d loss / d input and d loss / d weight for a mean cross-entropy):
   unfused   F.cross_entropy(F.linear(x, W), y): the (N, V) logits, their log-softmax and gradient exist
   torch     F.linear_cross_entropy(x, W, y, options=torch.nn.LinearCrossEntropyOptions()) (chunked)
-  torch_xent  torch_xent.linear.linear_cross_entropy(x, W, y) (chunked, gradients in the forward)
+  torch_xent  torch_xent.linear_cross_entropy(x, W, y) (chunked, gradients in the forward)
 
 Every run of every contender is a fresh subprocess, and the runs are interleaved (A, B, C, A, B, C, ...)
 so that a slow period of a shared machine hits every contender alike. Each run reports:
@@ -46,7 +46,7 @@ def worker(name, n, d, v, dtype_name):
     import torch
     import torch.nn.functional as F
 
-    from torch_xent.linear import linear_cross_entropy
+    from torch_xent import linear_cross_entropy
 
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)

@@ -13,48 +13,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torch_xent
-from torch_xent import reference
-
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-6),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
-
-
-def make_target(shape_n, num_classes, device, ignore_index=None, ignore_frac=0.25, gen=None):
-    t = torch.randint(0, num_classes, shape_n, generator=gen).to(device)
-    if ignore_index is not None and t.numel():
-        mask = torch.rand(shape_n, generator=gen) < ignore_frac
-        t = torch.where(mask.to(device), torch.full_like(t, ignore_index), t)
-    return t
-
+from helpers import assert_close, expected_loss, losses_and_grads, make_problem, make_targets
+from torch_xent import LossOptions, reference
 
 def both(x, target, impl, loss_kw=None, torch_loss=None, target_grad=False):
-    """Loss and gradients from torch_xent and from the torch expression, with the same upstream grad."""
+    """Loss and gradients from torch_xent and from the oracle (default: helpers.expected_loss, i.e.
+    F.cross_entropy and the closed forms), with the same upstream gradient."""
     loss_kw = loss_kw or {}
-    fp32_kw = dict(loss_kw)
-    if fp32_kw.get("weight") is not None and x.dtype in (torch.float16, torch.bfloat16):
-        fp32_kw["weight"] = fp32_kw["weight"].float()
-    torch_loss = torch_loss or (lambda xx, tt: F.cross_entropy(xx, tt, **fp32_kw))
-    out = {}
-    for name in ("ours", "theirs"):
-        xx = x.detach().clone().requires_grad_(True)
-        tt = target.detach().clone().requires_grad_(target_grad)
-        if name == "ours":
-            loss = torch_xent.cross_entropy(xx, tt, impl=impl, **loss_kw)
-        else:
-            if xx.dtype in (torch.float16, torch.bfloat16):  # compare with an fp32 computation
-                loss = torch_loss(xx.float(), tt.float() if target_grad or tt.is_floating_point() else tt)
-            else:
-                loss = torch_loss(xx, tt)
-        upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
-        inputs = [xx, tt] if target_grad else [xx]
-        grads = torch.autograd.grad(loss, inputs, upstream) if loss.numel() else [torch.zeros_like(i) for i in inputs]
-        out[name] = (loss.detach(), [g.detach() for g in grads])
-    return out["ours"], out["theirs"]
 
+    def ours(xx, tt):
+        return torch_xent.cross_entropy(xx, tt, impl=impl, **loss_kw)
 
-def assert_close(a, b, dtype, msg=""):
-    tol = TOL[dtype]
-    torch.testing.assert_close(a.to(torch.float64), b.to(torch.float64), equal_nan=True, msg=msg, **tol)
+    def oracle(xx, tt):
+        kw = dict(loss_kw)
+        if kw.get("weight") is not None:
+            kw["weight"] = kw["weight"].to(xx.dtype)
+        return expected_loss(xx, tt, **kw)
+
+    return losses_and_grads(x, target, ours, torch_loss or oracle, target_grad=target_grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,31 +58,19 @@ OPTIONS = {
 
 
 def build_case(shape_name, option, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    """(logits, target, loss keyword arguments) for a row of SHAPES and of OPTIONS."""
     shape, layout = SHAPES[shape_name]
-    if layout == "transpose":
-        x = (torch.randn(shape[::-1], generator=gen, dtype=torch.float64) * 3).to(device=device, dtype=dtype).t()
-        assert not x.is_contiguous()
-    else:
-        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(device=device, dtype=dtype)
-    class_dim = 0 if x.dim() == 1 else 1
-    c = x.shape[class_dim]
-    kw = {}
-    if option.get("soft"):
-        t = torch.softmax(torch.randn(x.shape, generator=gen, dtype=torch.float64), dim=class_dim).to(device, dtype)
-    else:
-        n_shape = tuple(s for i, s in enumerate(x.shape) if i != class_dim)
-        ii = option.get("ignore_index")
-        if option.get("ignore_frac_out"):
-            t = make_target(n_shape, c, device, ignore_index=-100, gen=gen)
-        else:
-            t = make_target(n_shape, c, device, ignore_index=ii if ii is not None and ii < c else None, gen=gen)
-        if ii is not None:
-            kw["ignore_index"] = ii
-    if option.get("weight"):
-        kw["weight"] = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.25).to(device, dtype)
-    if "label_smoothing" in option:
-        kw["label_smoothing"] = option["label_smoothing"]
+    c = shape[0 if len(shape) == 1 else 1]
+    ii = option.get("ignore_index")
+    opts = dict(option, layout=layout, ignore_frac=0.25)
+    # An ignore_index inside [0, C) is also a class: its rows are the ignored ones. One outside the
+    # range only appears in the target when the option says so.
+    if ii is not None and not (ii < c or option.get("ignore_frac_out")):
+        opts.pop("ignore_index")
+    x, t, w = make_problem(shape, dtype, device, opts, seed)
+    kw = {k: option[k] for k in ("ignore_index", "label_smoothing") if k in option}
+    if w is not None:
+        kw["weight"] = w
     return x, t, kw
 
 
@@ -164,25 +128,11 @@ def test_z_loss_and_softcap(device_impl, reduction, weighted):
     device, impl = device_impl
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(12, 9, generator=gen, dtype=torch.float64) * 20).to(device)
-    t = make_target((12,), 9, device, ignore_index=-100, gen=gen)
+    t = make_targets((12,), 9, gen, ignore_index=-100, ignore_frac=0.25).to(device)
     w = (torch.rand(9, generator=gen, dtype=torch.float64) + 0.5).to(device) if weighted else None
     lam, cap = 1e-3, 15.0
-
-    def expected(xx, tt):
-        z = cap * torch.tanh(xx / cap)
-        ce = F.cross_entropy(z, tt, weight=w, reduction="none", label_smoothing=0.1)
-        valid = tt != -100
-        zl = torch.where(valid, lam * torch.logsumexp(z, 1) ** 2, torch.zeros((), dtype=z.dtype, device=z.device))
-        rows = ce + zl
-        if reduction == "none":
-            return rows
-        if reduction == "sum":
-            return rows.sum()
-        denom = (w[tt.clamp(min=0)] * valid).sum() if w is not None else valid.sum()
-        return rows.sum() / denom
-
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=lam, softcap=cap)
-    (lo, go), (lt, gt) = both(x, t, impl, kw, torch_loss=expected)
+    (lo, go), (lt, gt) = both(x, t, impl, kw)  # the oracle writes z-loss and softcap out in closed form
     assert_close(lo, lt, torch.float64)
     assert_close(go[0], gt[0], torch.float64)
 
@@ -271,7 +221,7 @@ def test_inplace_backward_gives_the_same_gradient(device_impl):
     device, impl = device_impl
     gen = torch.Generator().manual_seed(8)
     base = torch.randn(16, 11, generator=gen).to(device)
-    t = make_target((16,), 11, device, ignore_index=-100, gen=gen)
+    t = make_targets((16,), 11, gen, ignore_index=-100, ignore_frac=0.25).to(device)
     w = torch.randn(11, 11, device=device, requires_grad=True)
     expected_logits = base @ w
     expected = torch.autograd.grad(F.cross_entropy(expected_logits, t, label_smoothing=0.1), w)[0]
@@ -508,7 +458,7 @@ def test_reference_oracle_agrees_with_reshaped_torch():
     """The oracle itself, on a random problem, against log_softmax written out by hand."""
     x = torch.randn(7, 6, dtype=torch.float64)
     t = torch.tensor([0, 5, 2, -100, 1, 1, 3])
-    loss, lse, grad = reference.cross_entropy_forward(x, t, None, "sum")
+    loss, lse, grad = reference.cross_entropy_forward(x, t, None, LossOptions(reduction="sum"))
     valid = t != -100
     logp = x - x.exp().sum(1, keepdim=True).log()
     assert_close(loss, -logp[valid, t[valid]].sum(), torch.float64)

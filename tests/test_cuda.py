@@ -10,7 +10,6 @@ same launch configurations, against the reference.
 """
 
 import ctypes
-import math
 import os
 import shutil
 import subprocess
@@ -20,61 +19,27 @@ import pytest
 import torch
 
 import torch_xent
-from torch_xent import reference
+from helpers import DTYPES, assert_matches_reference, make_problem
+from torch_xent import LossOptions, reference
 
 needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch_xent.native_available("cuda")),
     reason="needs a GPU and the compiled CUDA kernel")
 
 OPS = torch.ops.torch_xent
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# (rtol, atol) for loss / lse, and for the gradient (whose entries are ~1/C or smaller).
-LOSS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-5, 1e-5),
-            torch.float16: (1e-5, 1e-5)}
-GRAD_TOL = {torch.float64: (1e-9, 1e-13), torch.float32: (2e-5, 3e-7), torch.bfloat16: (1.6e-2, 1e-6),
-            torch.float16: (2e-3, 1e-7)}
-
 # Class counts that reach each launch path for 4-byte logits: one group of threads per row
 # (<= 128 16-byte slots), one block per row with the row in shared memory, and rows too large for
 # shared memory (read twice). Odd counts misalign every other row; tiny ones leave most lanes idle.
 CLASSES = [1, 3, 10, 127, 509, 1000, 4096, 16385, 20000, 70001, 131072 + 3]
 
 
-def make_inputs(m, c, dtype, gen, soft=False, weight=False, ignore_index=None, scale=4.0):
-    logits = (torch.randn(m, c, generator=gen, dtype=torch.float64) * scale).to(dtype).cuda()
-    if soft:
-        target = torch.rand(m, c, generator=gen, dtype=torch.float64)
-        target = (target / target.sum(1, keepdim=True)).to(dtype).cuda()
-    else:
-        target = torch.randint(0, c, (m,), generator=gen)
-        if ignore_index is not None:
-            target[torch.rand(m, generator=gen) < 0.3] = ignore_index
-        target = target.cuda()
-    w = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.25).to(dtype).cuda() if weight else None
-    return logits, target, w
-
-
 def check_against_reference(logits, target, weight, reduction, ignore_index=-100, label_smoothing=0.0,
                             z_loss=0.0, softcap=0.0, compute_grad=True):
-    dtype = logits.dtype
-    loss, lse, grad = OPS.cross_entropy_forward(logits, target, weight, reduction, ignore_index, label_smoothing,
-                                                z_loss, softcap, compute_grad)
-    rloss, rlse, rgrad = reference.cross_entropy_forward(logits, target, weight, reduction, ignore_index,
-                                                         label_smoothing, z_loss, softcap or None, compute_grad)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert loss.dtype == acc and lse.dtype == acc
-    assert loss.shape == rloss.shape and lse.shape == rlse.shape
-    rtol, atol = LOSS_TOL[dtype]
-    torch.testing.assert_close(loss, rloss, rtol=rtol, atol=atol * max(1.0, math.log(logits.shape[1] + 1)),
-                               equal_nan=True)
-    torch.testing.assert_close(lse, rlse, rtol=rtol, atol=atol, equal_nan=True)
-    if compute_grad:
-        assert grad.dtype == dtype and grad.shape == logits.shape and grad.is_contiguous()
-        rtol, atol = GRAD_TOL[dtype]
-        torch.testing.assert_close(grad.double(), rgrad.double(), rtol=rtol, atol=atol, equal_nan=True)
-    else:
-        assert grad.numel() == 0
-    return loss, lse, grad
+    out = OPS.cross_entropy_forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                                    compute_grad)
+    opts = LossOptions(("none", "mean", "sum")[reduction], ignore_index, label_smoothing, z_loss, softcap or None)
+    assert_matches_reference(out, logits, target, weight, opts, compute_grad)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +51,7 @@ def check_against_reference(logits, target, weight, reduction, ignore_index=-100
 def test_paths_class_target(c, dtype):
     gen = torch.Generator().manual_seed(c)
     m = 7 if c > 10000 else 37
-    logits, target, _ = make_inputs(m, c, dtype, gen, ignore_index=-100)
+    logits, target, _ = make_problem((m, c), dtype, "cuda", dict(ignore_index=-100, scale=4.0), gen)
     for reduction in (0, 1, 2):
         check_against_reference(logits, target, None, reduction)
 
@@ -96,7 +61,7 @@ def test_paths_class_target(c, dtype):
 @pytest.mark.parametrize("c", [5, 700, 70001])
 def test_paths_soft_target(c, dtype):
     gen = torch.Generator().manual_seed(100 + c)
-    logits, target, w = make_inputs(5, c, dtype, gen, soft=True, weight=True)
+    logits, target, w = make_problem((5, c), dtype, "cuda", dict(soft=True, weight=True, scale=4.0), gen)
     for reduction in (0, 1, 2):
         check_against_reference(logits, target, None, reduction)
         check_against_reference(logits, target, w, reduction, label_smoothing=0.1)
@@ -123,8 +88,8 @@ def test_options(c, option, dtype):
     opts = dict(OPTIONS[option])
     gen = torch.Generator().manual_seed(7 * c + len(option))
     soft = opts.pop("soft", False)
-    logits, target, w = make_inputs(9, c, dtype, gen, soft=soft, weight=opts.pop("weight", False),
-                                    ignore_index=opts.get("ignore_index"))
+    logits, target, w = make_problem((9, c), dtype, "cuda", dict(soft=soft, weight=opts.pop("weight", False),
+                                     ignore_index=opts.get("ignore_index"), scale=4.0), gen)
     for reduction in (0, 1, 2):
         check_against_reference(logits, target, w, reduction, opts.get("ignore_index", -100),
                                 opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0), opts.get("softcap", 0.0))
@@ -141,7 +106,7 @@ def test_misaligned_storage(c, shift, dtype):
     the kernel falls back to element-wise access where the alignments of its tensors differ."""
     gen = torch.Generator().manual_seed(c + shift)
     m = 6
-    base, _, _ = make_inputs(m * c + shift, 1, dtype, gen)
+    base, _, _ = make_problem((m * c + shift, 1), dtype, "cuda", dict(scale=4.0), gen)
     logits = base.view(-1)[shift:].view(m, c)
     assert logits.is_contiguous() and logits.storage_offset() == shift
     soft_base = torch.rand(m * c + 2 * shift, generator=gen, dtype=torch.float64).to(dtype).cuda()
@@ -166,8 +131,8 @@ def test_fallback_paths(knobs, dtype, monkeypatch):
         monkeypatch.setenv(key, value)
     gen = torch.Generator().manual_seed(11)
     for c, opts in ((70001, dict(weight=True, ignore_index=-100)), (20000, dict(soft=True, weight=True))):
-        logits, target, w = make_inputs(5, c, dtype, gen, soft=opts.get("soft", False), weight=True,
-                                        ignore_index=opts.get("ignore_index"))
+        logits, target, w = make_problem((5, c), dtype, "cuda", dict(soft=opts.get("soft", False), weight=True,
+                                         ignore_index=opts.get("ignore_index"), scale=4.0), gen)
         for reduction in (0, 1):
             check_against_reference(logits, target, w, reduction, label_smoothing=0.1, z_loss=1e-4, softcap=20.0)
         buf = logits.clone()
@@ -197,7 +162,7 @@ def test_empty_batch():
 @pytest.mark.parametrize("c", [100, 5000, 70001])
 def test_inplace_matches_out_of_place(c, dtype):
     gen = torch.Generator().manual_seed(c)
-    logits, target, w = make_inputs(11, c, dtype, gen, weight=True, ignore_index=-100)
+    logits, target, w = make_problem((11, c), dtype, "cuda", dict(weight=True, ignore_index=-100, scale=4.0), gen)
     loss, lse, grad = OPS.cross_entropy_forward(logits, target, w, 1, -100, 0.1, 1e-4, 0.0, True)
     buf = logits.clone()
     loss2, lse2 = OPS.cross_entropy_forward_inplace(buf, target, w, 1, -100, 0.1, 1e-4, 0.0)
@@ -209,7 +174,7 @@ def test_inplace_matches_out_of_place(c, dtype):
 @pytest.mark.parametrize("c", [7, 3000, 70001])
 def test_nan_and_inf_rows(c):
     gen = torch.Generator().manual_seed(c)
-    logits, target, _ = make_inputs(6, c, torch.float32, gen)
+    logits, target, _ = make_problem((6, c), torch.float32, "cuda", dict(scale=4.0), gen)
     target[5] = -100
     logits[0, c // 2] = float("nan")       # NaN: that row only
     logits[1, (target[1] + 1) % c] = float("inf")  # +inf: NaN row
@@ -234,12 +199,12 @@ def test_out_of_range_target_poisons_its_row(c, bad):
     """The kernel cannot raise without synchronising: an out-of-range class index gives a NaN loss,
     lse and gradient row for that row alone; other rows are exact, and a reduced loss is NaN."""
     gen = torch.Generator().manual_seed(c)
-    logits, target, w = make_inputs(5, c, torch.float32, gen, weight=True)
+    logits, target, w = make_problem((5, c), torch.float32, "cuda", dict(weight=True, scale=4.0), gen)
     target[2] = bad if bad < 0 else c + bad
     loss, lse, grad = OPS.cross_entropy_forward(logits, target, w, 0, -100, 0.1, 0.0, 0.0, True)
     assert loss[2].isnan() and lse[2].isnan() and grad[2].isnan().all()
     good = [0, 1, 3, 4]
-    rloss, rlse, rgrad = reference.cross_entropy_forward(logits[good], target[good], w, 0, -100, 0.1)
+    rloss, rlse, rgrad = reference.cross_entropy_forward(logits[good], target[good], w, LossOptions("none", -100, 0.1))
     torch.testing.assert_close(loss[good], rloss, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(grad[good], rgrad, rtol=2e-5, atol=1e-8)
     for reduction in (1, 2):
@@ -249,7 +214,7 @@ def test_out_of_range_target_poisons_its_row(c, bad):
     # The mean leaves the bad row out of its denominator, like an ignored row.
     ignored = target.clone()
     ignored[2] = -100
-    _, _, rgrad = reference.cross_entropy_forward(logits, ignored, w, 1, -100, 0.1)
+    _, _, rgrad = reference.cross_entropy_forward(logits, ignored, w, LossOptions("mean", -100, 0.1))
     _, _, grad = OPS.cross_entropy_forward(logits, target, w, 1, -100, 0.1, 0.0, 0.0, True)
     torch.testing.assert_close(grad[good], rgrad[good], rtol=2e-5, atol=1e-8)
     # Through the public function: the loss is NaN (no exception, no device-side assert).
@@ -267,7 +232,8 @@ def test_out_of_range_target_poisons_its_row(c, bad):
 @pytest.mark.parametrize("c", [50, 8192, 131072])
 def test_deterministic(c):
     gen = torch.Generator().manual_seed(c)
-    logits, target, w = make_inputs(64, c, torch.float32, gen, weight=True, ignore_index=-100)
+    logits, target, w = make_problem((64, c), torch.float32, "cuda", dict(weight=True, ignore_index=-100, scale=4.0),
+                                     gen)
     first = OPS.cross_entropy_forward(logits, target, w, 1, -100, 0.1, 1e-4, 0.0, True)
     for _ in range(3):
         again = OPS.cross_entropy_forward(logits, target, w, 1, -100, 0.1, 1e-4, 0.0, True)
@@ -279,7 +245,8 @@ def test_deterministic(c):
 def test_no_host_synchronisation():
     gen = torch.Generator().manual_seed(0)
     for c in (10, 5000, 70001):
-        logits, target, w = make_inputs(8, c, torch.bfloat16, gen, weight=True, ignore_index=-100)
+        logits, target, w = make_problem((8, c), torch.bfloat16, "cuda", dict(weight=True, ignore_index=-100,
+                                         scale=4.0), gen)
         OPS.cross_entropy_forward(logits, target, w, 1, -100, 0.1, 0.0, 0.0, True)  # first call: set-up
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -294,7 +261,7 @@ def test_no_host_synchronisation():
 @needs_gpu
 def test_runs_on_the_current_stream():
     gen = torch.Generator().manual_seed(1)
-    logits, target, _ = make_inputs(512, 30000, torch.float32, gen)
+    logits, target, _ = make_problem((512, 30000), torch.float32, "cuda", dict(scale=4.0), gen)
     expect = OPS.cross_entropy_forward(logits, target, None, 1, -100, 0.0, 0.0, 0.0, True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -330,7 +297,7 @@ def test_rows_past_2_31_elements():
     target = torch.randint(0, c, (m,), device="cuda", generator=gen)
     loss, lse, grad = OPS.cross_entropy_forward(logits, target, None, 0, -100, 0.0, 0.0, 0.0, True)
     tail = slice(m - 4, m)
-    rloss, rlse, rgrad = reference.cross_entropy_forward(logits[tail], target[tail], None, 0)
+    rloss, rlse, rgrad = reference.cross_entropy_forward(logits[tail], target[tail], None, LossOptions("none"))
     torch.testing.assert_close(loss[tail], rloss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad[tail].double(), rgrad.double(), rtol=1.6e-2, atol=1e-6)
     del logits, grad
@@ -346,11 +313,11 @@ def test_large_magnitude_logits(c, soft):
     """Logits of magnitude 1e4 in float32: the loss keeps its digits (relative to float64), also with
     label smoothing and soft targets, whose dot product is rebased as the running max grows."""
     gen = torch.Generator().manual_seed(c)
-    logits, target, w = make_inputs(6, c, torch.float32, gen, soft=soft, weight=True, scale=1e4)
+    logits, target, w = make_problem((6, c), torch.float32, "cuda", dict(soft=soft, weight=True, scale=1e4), gen)
     for smoothing in (0.0, 0.1):
         loss, lse, grad = OPS.cross_entropy_forward(logits, target, w, 0, -100, smoothing, 0.0, 0.0, True)
         rloss, rlse, rgrad = reference.cross_entropy_forward(logits.double(), target.double() if soft else target,
-                                                             w.double(), 0, -100, smoothing)
+                                                             w.double(), LossOptions("none", -100, smoothing))
         torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(lse.double(), rlse, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad.double(), rgrad, rtol=1e-4, atol=1e-6)
@@ -480,41 +447,13 @@ def emulate(fn, logits, target, weight, reduction, ignore_index=-100, label_smoo
     return loss, lse, grad if grad is not None else logits.new_empty(0)
 
 
-def cpu_inputs(m, c, dtype, gen, soft=False, weight=False, ignore_index=None, scale=4.0, shift=0):
-    """Inputs on the CPU; shift > 0 starts the logits, target and weight off a 16-byte boundary."""
-    def storage(n, fill):
-        return fill(n + shift)[shift:]
-    logits = storage(m * c, lambda n: (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype))
-    logits = logits.view(m, c)
-    if soft:
-        t = torch.rand(m, c, generator=gen, dtype=torch.float64)
-        t = (t / t.sum(1, keepdim=True)).to(dtype).reshape(-1)
-        target = storage(m * c, lambda n: torch.cat([torch.zeros(shift, dtype=dtype), t]))[:m * c].view(m, c)
-    else:
-        target = torch.randint(0, c, (m,), generator=gen)
-        if ignore_index is not None:
-            target[torch.rand(m, generator=gen) < 0.3] = ignore_index
-    w = None
-    if weight:
-        w = storage(c, lambda n: (torch.rand(n, generator=gen, dtype=torch.float64) + 0.25).to(dtype))
-    return logits, target, w
-
-
 def check_emulated(fn, logits, target, weight, reduction, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                    softcap=0.0, compute_grad=True, config=None):
-    dtype = logits.dtype
-    loss, lse, grad = emulate(fn, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                              compute_grad, config)
-    rloss, rlse, rgrad = reference.cross_entropy_forward(logits, target, weight, reduction, ignore_index,
-                                                         label_smoothing, z_loss, softcap or None, compute_grad)
-    rtol, atol = LOSS_TOL[dtype]
-    torch.testing.assert_close(loss, rloss, rtol=rtol, atol=atol * max(1.0, math.log(logits.shape[1] + 1)),
-                               equal_nan=True, check_dtype=False)
-    torch.testing.assert_close(lse, rlse, rtol=rtol, atol=atol, equal_nan=True)
-    if compute_grad:
-        rtol, atol = GRAD_TOL[dtype]
-        torch.testing.assert_close(grad.double(), rgrad.double(), rtol=rtol, atol=atol, equal_nan=True)
-    return loss, lse, grad
+    out = emulate(fn, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                  compute_grad, config)
+    opts = LossOptions(("none", "mean", "sum")[reduction], ignore_index, label_smoothing, z_loss, softcap or None)
+    assert_matches_reference(out, logits, target, weight, opts, compute_grad)
+    return out
 
 
 # Every launch path of 4-byte logits (group of 1..32 threads a row, a block a row with the row in
@@ -527,7 +466,7 @@ EMU_CLASSES = [1, 3, 10, 127, 509, 1000, 4096, 16385, 70001]
 def test_emulated_paths(emulator, c, dtype):
     gen = torch.Generator().manual_seed(c)
     m = 3 if c > 10000 else 9
-    logits, target, w = cpu_inputs(m, c, dtype, gen, weight=True, ignore_index=-100)
+    logits, target, w = make_problem((m, c), dtype, "cpu", dict(weight=True, ignore_index=-100, scale=4.0), gen)
     for reduction in (0, 1, 2):
         check_emulated(emulator, logits, target, None, reduction)
     check_emulated(emulator, logits, target, w, 1, label_smoothing=0.1, z_loss=1e-4)
@@ -541,8 +480,8 @@ def test_emulated_options(emulator, c, dtype, option):
     opts = dict(OPTIONS[option])
     gen = torch.Generator().manual_seed(3 * c + len(option))
     soft = opts.pop("soft", False)
-    logits, target, w = cpu_inputs(5, c, dtype, gen, soft=soft, weight=opts.pop("weight", False),
-                                   ignore_index=opts.get("ignore_index"))
+    logits, target, w = make_problem((5, c), dtype, "cpu", dict(soft=soft, weight=opts.pop("weight", False),
+                                     ignore_index=opts.get("ignore_index"), scale=4.0), gen)
     for reduction in (0, 1, 2):
         check_emulated(emulator, logits, target, w, reduction, opts.get("ignore_index", -100),
                        opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0), opts.get("softcap", 0.0))
@@ -563,8 +502,8 @@ def test_emulated_configs(emulator, shift, dtype, threads, cluster, cache):
     gen = torch.Generator().manual_seed(shift * 100 + threads + cluster)
     vec = 16 // torch.empty((), dtype=dtype).element_size()
     for c, soft in ((3001, False), (2000, True), (61, False)):
-        logits, target, w = cpu_inputs(4, c, dtype, gen, soft=soft, weight=True, ignore_index=None if soft else 5,
-                                       shift=shift)
+        logits, target, w = make_problem((4, c), dtype, "cpu", dict(soft=soft, weight=True,
+                                         ignore_index=None if soft else 5, shift=shift, scale=4.0), gen)
         config = (threads, cluster, -(-(-(-(c + vec - 1) // vec)) // cluster), cache)
         for reduction in (0, 1):
             check_emulated(emulator, logits, target, w, reduction, 5 if not soft else -100, 0.2, 1e-4, 7.0,
@@ -580,7 +519,7 @@ def test_emulated_configs(emulator, shift, dtype, threads, cluster, cache):
 def test_emulated_edge_values(emulator):
     c = 5000
     gen = torch.Generator().manual_seed(5)
-    logits, target, _ = cpu_inputs(7, c, torch.float32, gen)
+    logits, target, _ = make_problem((7, c), torch.float32, "cpu", dict(scale=4.0), gen)
     target[5] = -100
     target[6] = c + 3  # out of range: a NaN row, never read
     logits[0, c // 2] = float("nan")
@@ -598,11 +537,12 @@ def test_emulated_edge_values(emulator):
         assert loss[5] == 0 and lse[5] == 0 and (grad[5] == 0).all()
         assert loss[6].isnan() and lse[6].isnan() and grad[6].isnan().all()
     # Large magnitudes keep their digits (the loss is computed relative to the row max).
-    big, target, w = cpu_inputs(4, 3001, torch.float32, gen, weight=True, scale=1e4)
+    big, target, w = make_problem((4, 3001), torch.float32, "cpu", dict(weight=True, scale=1e4), gen)
     for smoothing in (0.0, 0.1):
         for config in (None, (64, 3, -(-751 // 3), True)):
             loss, lse, grad = emulate(emulator, big, target, w, 0, -100, smoothing, config=config)
-            rloss, rlse, rgrad = reference.cross_entropy_forward(big.double(), target, w.double(), 0, -100, smoothing)
+            rloss, rlse, rgrad = reference.cross_entropy_forward(big.double(), target, w.double(),
+                                                                 LossOptions("none", -100, smoothing))
             torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=1e-3)
             torch.testing.assert_close(grad.double(), rgrad, rtol=1e-4, atol=1e-6)
 

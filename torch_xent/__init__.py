@@ -2,11 +2,12 @@
 
 from torch_xent._config import show_config
 from torch_xent._native import cuda_version, native_available
-from torch_xent.function import SoftmaxCrossEntropyFunction
+from torch_xent._options import LossOptions, loss_options
+from torch_xent.autograd import SoftmaxCrossEntropyFunction
 from torch_xent import parallel
-from torch_xent.functional import cross_entropy, cross_entropy_with_lse
-from torch_xent.linear import LinearCrossEntropyFunction, LinearCrossEntropyLoss, linear_cross_entropy
-from torch_xent.modules import CrossEntropyLoss
+from torch_xent.functional import cross_entropy, cross_entropy_with_lse, linear_cross_entropy
+from torch_xent.linear import LinearCrossEntropyFunction
+from torch_xent.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
@@ -14,11 +15,13 @@ __all__ = [
     "CrossEntropyLoss",
     "LinearCrossEntropyFunction",
     "LinearCrossEntropyLoss",
+    "LossOptions",
     "SoftmaxCrossEntropyFunction",
     "cross_entropy",
     "cross_entropy_with_lse",
     "cuda_version",
     "linear_cross_entropy",
+    "loss_options",
     "native_available",
     "parallel",
     "show_config",

@@ -7,6 +7,10 @@ import importlib.util
 
 import torch
 
+from torch_xent.reference import acc_dtype
+
+IMPLS = ("auto", "native", "reference")
+
 _LOAD_ERROR: str | None = None
 _C = None
 if importlib.util.find_spec("torch_xent._C") is None:
@@ -50,6 +54,20 @@ def native_available(device="cpu") -> bool:
     return found
 
 
+def resolve_impl(impl: str, device: torch.device) -> bool:
+    """True when the compiled kernel is to be used for ``device`` under the ``impl`` argument."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    available = native_available(device)
+    if impl == "native" and not available:
+        why = load_error() or f"it was built without {device.type.upper()} kernels"
+        raise RuntimeError(f"torch_xent: impl='native' asked for, but no compiled kernel for {device.type} "
+                           f"is available ({why}); see torch_xent.show_config()")
+    return available
+
+
 def cuda_version() -> int:
     """CUDA version the extension was compiled with (100 * major + minor), -1 for a CPU-only build."""
     if _C is None:
@@ -71,7 +89,7 @@ if _C is not None:
     @torch.library.register_fake("torch_xent::cross_entropy_forward")
     def _forward_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
                       compute_grad):
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(logits.dtype)
         m = logits.shape[0]
         loss = logits.new_empty((m,) if reduction == 0 else (), dtype=acc)
         lse = logits.new_empty((m,), dtype=acc)
@@ -82,7 +100,7 @@ if _C is not None:
     @torch.library.register_fake("torch_xent::cross_entropy_forward_inplace")
     def _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss,
                               softcap):
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(logits.dtype)
         m = logits.shape[0]
         loss = logits.new_empty((m,) if reduction == 0 else (), dtype=acc)
         lse = logits.new_empty((m,), dtype=acc)

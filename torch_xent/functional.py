@@ -1,102 +1,25 @@
-"""Public functions: argument checks with PyTorch's own messages, reshaping, then dispatch."""
+"""The public loss functions: check the arguments once, build the options once, reshape, dispatch.
+
+- :func:`cross_entropy` / :func:`cross_entropy_with_lse`: a drop-in for ``F.cross_entropy``,
+  through :class:`torch_xent.autograd.SoftmaxCrossEntropyFunction`.
+- :func:`linear_cross_entropy`: ``F.cross_entropy(F.linear(...))`` without the (N, V) logits,
+  through :class:`torch_xent.linear.LinearCrossEntropyFunction`.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from torch_xent import _native
-from torch_xent.function import SoftmaxCrossEntropyFunction, fused_forward
-from torch_xent.reference import REDUCTIONS
-
-IMPLS = ("auto", "native", "reference")
-_TYPE_NAMES = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool",
-               torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-               torch.bfloat16: "BFloat16", torch.int64: "Long", torch.uint8: "Byte"}
+from torch_xent import _checks, reference
+from torch_xent._native import resolve_impl
+from torch_xent._options import LossOptions, loss_options
+from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward
 
 
-def _type_name(dtype: torch.dtype) -> str:
-    return _TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-
-
-def resolve_impl(impl: str, device: torch.device) -> bool:
-    """True when the compiled kernel is to be used for ``device``."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "reference":
-        return False
-    available = _native.native_available(device)
-    if impl == "native" and not available:
-        why = _native.load_error() or f"it was built without {device.type.upper()} kernels"
-        raise RuntimeError(f"torch_xent: impl='native' asked for, but no compiled kernel for {device.type} "
-                           f"is available ({why}); see torch_xent.show_config()")
-    return available
-
-
-def check_common(input, reduction, label_smoothing):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"cross_entropy(): input must be a Tensor, not {type(input).__name__}")
-    if not input.dtype.is_floating_point:
-        raise NotImplementedError(f"torch_xent.cross_entropy: logits must be floating point "
-                                  f"(float16, bfloat16, float32 or float64), not '{_type_name(input.dtype)}'")
-    if not 0.0 <= float(label_smoothing) <= 1.0:  # PyTorch silently treats < 0 as 0: we reject it
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-
-
-def check_weight(weight, input, num_classes):
-    if weight is None:
-        return None
-    if weight.dim() != 1 or weight.numel() != num_classes:
-        raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes or no classes "
-                           f"but got weight tensor of shape: {list(weight.shape)}")
-    if weight.dtype != input.dtype:
-        raise RuntimeError(f"expected scalar type {_type_name(input.dtype)} but found {_type_name(weight.dtype)}")
-    if weight.device != input.device:
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found weight on {weight.device} "
-                           f"and input on {input.device}")
-    return weight.contiguous()
-
-
-def flatten_problem(input, target, ignore_index):
-    """Checks shapes and dtypes as PyTorch does and returns the 2-D problem.
-
-    Returns (logits (M, C), target (M,) int64 or (M, C) probabilities, out_shape, soft) where
-    out_shape is the shape of the unreduced loss.
-    """
-    if input.dim() == 0:
-        raise ValueError("cross_entropy: input must have at least one dimension (the classes), got a 0-d tensor")
-    if target.device != input.device:
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found target on {target.device} "
-                           f"and input on {input.device}")
-    class_dim = 0 if input.dim() == 1 else 1
-    num_classes = input.shape[class_dim]
-    soft = tuple(target.shape) == tuple(input.shape)
-    if soft:
-        if not target.dtype.is_floating_point:
-            raise RuntimeError(f"Expected floating point type for target with class probabilities, "
-                               f"got {_type_name(target.dtype)}")
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-    else:
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
-        if input.dim() == 1:
-            if target.dim() != 0:
-                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-        elif input.dim() == 2:
-            if target.dim() != 1:
-                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-            if target.shape[0] != input.shape[0]:
-                raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-                                 f"({target.shape[0]}).")
-        else:
-            expected = [input.shape[0], *input.shape[2:]]
-            if list(target.shape) != expected:
-                raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-    if num_classes == 0:
-        raise IndexError("torch_xent.cross_entropy: the input has 0 classes (its class dimension is empty)")
-
+def _flatten_problem(input, target, soft):
+    """The 2-D problem: (logits (M, C), target (M,) int64 or (M, C) probabilities, out_shape), where
+    out_shape is the shape of the unreduced loss."""
+    num_classes = input.shape[0 if input.dim() == 1 else 1]
     if input.dim() == 1:
         out_shape = ()
         logits = input.unsqueeze(0)
@@ -112,7 +35,7 @@ def flatten_problem(input, target, ignore_index):
         tgt = tgt.to(input.dtype)
     elif tgt.dtype != torch.int64:
         tgt = tgt.long()
-    return logits.contiguous(), tgt.contiguous(), out_shape, soft
+    return logits.contiguous(), tgt.contiguous(), out_shape
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
@@ -138,8 +61,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
     Returns the loss in the input's dtype: a scalar for ``mean``/``sum``, the target's shape for ``none``.
     """
-    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                          inplace_backward, impl)[0]
+    opts = loss_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    return _cross_entropy(input, target, weight, opts, inplace_backward, impl)[0]
 
 
 def cross_entropy_with_lse(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -150,27 +73,77 @@ def cross_entropy_with_lse(input, target, weight=None, ignore_index=-100, reduct
     float64 input), 0 for ignored rows, and carries no gradient. Useful for statistics (mean lse,
     probability of the target class = exp(z_y - lse)) at no extra pass over the logits.
     """
-    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                          inplace_backward, impl)
+    opts = loss_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    return _cross_entropy(input, target, weight, opts, inplace_backward, impl)
 
 
-def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                   inplace_backward, impl):
-    check_common(input, reduction, label_smoothing)
+def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, impl):
+    _checks.check_logits(input)
     use_native = resolve_impl(impl, input.device)
-    logits, tgt, out_shape, soft = flatten_problem(input, target, ignore_index)
-    weight = check_weight(weight, input, logits.shape[1])
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    soft = _checks.check_targets(input, target, opts.ignore_index)
+    logits, tgt, out_shape = _flatten_problem(input, target, soft)
+    weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
     if needs_grad:
-        loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, reduction, ignore_index,
-                                                      float(label_smoothing), float(z_loss), softcap,
-                                                      inplace_backward, use_native)
+        loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, opts, inplace_backward, use_native)
     else:
-        loss, lse, _ = fused_forward(logits, tgt, weight, reduction, ignore_index, float(label_smoothing),
-                                     float(z_loss), softcap, False, False, use_native)
+        loss, lse, _ = fused_forward(logits, tgt, weight, opts, False, False, use_native)
         loss = loss.to(input.dtype)
-    if reduction == "none" and len(out_shape) != 1:
+    if opts.reduction == "none" and len(out_shape) != 1:
         loss = loss.reshape(out_shape)
     return loss, (lse if len(out_shape) == 1 else lse.reshape(out_shape))
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
+                         impl="auto"):
+    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
+
+    Args:
+        input: ``(..., D)`` features (``(D,)`` for one sample): float16, bfloat16, float32 or float64.
+        linear_weight: ``(V, D)`` classifier weight, input's dtype and device.
+        target: ``(...)`` class indices (int64 or uint8) in ``[0, V)`` or equal to ``ignore_index``.
+            Class probabilities are not supported here.
+        linear_bias: optional ``(V,)`` bias.
+        weight: optional ``(V,)`` class weights, as ``F.cross_entropy``'s ``weight``.
+        reduction: ``"none"`` (loss of the target's shape), ``"mean"`` (over the counted rows,
+            weighted as ``F.cross_entropy`` does) or ``"sum"``.
+        ignore_index, label_smoothing, z_loss, softcap: as in :func:`torch_xent.cross_entropy`.
+        chunk_size: rows per chunk; None picks :func:`torch_xent.linear.default_chunk_rows` (a
+            (chunk, V) logits buffer of about ``CHUNK_BYTES``, at least ``MIN_CHUNK_ROWS`` (256) rows).
+        impl: ``"auto"``, ``"native"`` or ``"reference"``: the kernel that turns each chunk's
+            logits into its loss and gradient.
+
+    Returns the loss in the input's dtype. With ``mean``/``sum`` and gradients enabled, the
+    gradients are computed during the forward (the backward only scales them): evaluate under
+    ``torch.no_grad()`` to skip that work. ``none`` recomputes the logits in the backward.
+    """
+    from torch_xent import linear
+
+    opts = loss_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    _checks.check_linear_args(input, linear_weight, target, linear_bias)
+    use_native = resolve_impl(impl, input.device)
+    num_classes, in_features = linear_weight.shape
+    weight = _checks.check_weight(weight, input, num_classes)
+    _checks.check_chunk_size(chunk_size)
+    out_shape = target.shape
+    x = input.reshape(-1, in_features).contiguous()
+    y = target.reshape(-1).long().contiguous()
+    if y.device.type == "cpu":  # a cheap check up front, before any work (on CUDA it would synchronise)
+        _checks.check_targets_in_range(y, num_classes, opts.ignore_index)
+    w = linear_weight.contiguous()
+    b = None if linear_bias is None else linear_bias.contiguous()
+    rows = chunk_size if chunk_size is not None else linear.default_chunk_rows(x.shape[0], num_classes, x.dtype)
+    rows = max(1, min(rows, max(1, x.shape[0])))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (input, linear_weight, linear_bias))
+    if needs_grad:
+        loss = linear.LinearCrossEntropyFunction.apply(x, w, b, y, weight, opts, rows, use_native)
+    else:
+        with torch.no_grad():
+            total, *_ = linear.chunked_pass(x, w, b, y, weight, opts, use_native, rows, None, False, False, False,
+                                            opts.reduction == "none")
+            if opts.reduction == "mean":
+                total = total * reference.reduction_scale(y, weight, opts, x.shape[0], total.dtype)
+        loss = total.to(input.dtype)
+    return loss.reshape(out_shape) if opts.reduction == "none" else loss

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from torch_xent import reference
-from torch_xent.function import _is_batched, fused_forward
-from torch_xent.functional import _type_name, check_common, check_weight, resolve_impl
+from torch_xent._options import LossOptions
+from torch_xent.autograd import fused_forward, is_batched
 from torch_xent.reference import acc_dtype
 
 #: Default budget, in bytes, of the (chunk, V) logits buffer when ``chunk_size`` is not given.
@@ -91,7 +90,7 @@ class _HalfWeightGrad:
         time; each slice is rounded once and added to the float32 accumulator, so the sum over the
         chunks does not lose the low bits of the small per-chunk contributions.
         """
-        c, d = g.shape[0], xs.shape[1]
+        d = xs.shape[1]
         block = max(256, _HALF_BLOCK_BYTES // (2 * max(d, 1)))
         rows = min(block, max(a.shape[0] for _, a in self.parts))
         tmp = torch.empty(rows, d, dtype=g.dtype, device=g.device)
@@ -127,15 +126,15 @@ class _HalfWeightGrad:
         return (torch.cat([lo, hi]) * grad_output).to(self.out.dtype)
 
 
-def _chunked_pass(x, w, b, y, weight, opts, rows, row_scale, need_x, need_w, need_b, per_row_loss):
-    """One sweep over the row chunks.
+def chunked_pass(x, w, b, y, weight, opts: LossOptions, use_native, rows, row_scale, need_x, need_w, need_b,
+                 per_row_loss):
+    """One sweep over the row chunks (``opts.reduction`` is not used: the caller reduces).
 
     x (N, D), w (V, D), b (V,) or None, y (N,) int64, row_scale (N,) acc dtype or None (no gradient).
     Returns (loss, grad_x, grad_w, grad_b): loss is (N,) per-row losses if ``per_row_loss`` else the
     0-d sum of the row losses (acc dtype); grad_w is a tensor or a ``_HalfWeightGrad``; grad_b is in
     the acc dtype; grads not asked for are None.
     """
-    ignore_index, label_smoothing, z_loss, softcap, use_native = opts
     n, d = x.shape
     v = w.shape[0]
     dtype, acc = x.dtype, acc_dtype(x.dtype)
@@ -151,7 +150,7 @@ def _chunked_pass(x, w, b, y, weight, opts, rows, row_scale, need_x, need_w, nee
     total = torch.zeros((), dtype=acc, device=x.device)
     buf = torch.empty(min(rows, n), v, dtype=dtype, device=x.device)
     wt = w.t()
-    reduction = "none" if per_row_loss else "sum"
+    chunk_opts = opts.replace(reduction="none" if per_row_loss else "sum")
     for s in range(0, n, rows):
         e = min(n, s + rows)
         xc, z = x[s:e], buf[: e - s]
@@ -159,8 +158,7 @@ def _chunked_pass(x, w, b, y, weight, opts, rows, row_scale, need_x, need_w, nee
             torch.mm(xc, wt, out=z)
         else:
             torch.addmm(b, xc, wt, out=z)
-        loss, _, g = fused_forward(z, y[s:e], weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                                   compute_grad, compute_grad, use_native)
+        loss, _, g = fused_forward(z, y[s:e], weight, chunk_opts, compute_grad, compute_grad, use_native)
         if per_row_loss:
             losses[s:e] = loss
         else:
@@ -185,36 +183,35 @@ def _chunked_pass(x, w, b, y, weight, opts, rows, row_scale, need_x, need_w, nee
     return (losses if per_row_loss else total), grad_x, grad_w, grad_b
 
 
-def _unit_row_scale(y, weight, ignore_index, reduction, n, acc):
+def _unit_row_scale(y, weight, opts, n, acc):
     """(N,) d reduced loss / d row loss for grad_output = 1: the mean's 1/denominator (1 for sum) on
     counted rows and exactly 0 on ignored ones (even when 1/denominator is inf: every row ignored)."""
-    scale = reference.reduction_scale(y, weight, ignore_index, reduction, n, acc)
-    valid = y != ignore_index
+    scale = reference.reduction_scale(y, weight, opts, n, acc)
+    valid = y != opts.ignore_index
     return torch.where(valid, scale, torch.zeros((), dtype=acc, device=y.device)), scale
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """``apply(x (N, D), w (V, D), b (V,) or None, y (N,) int64, weight (V,) or None, reduction,
-    ignore_index, label_smoothing, z_loss, softcap, chunk_rows, use_native)`` -> loss, (N,) or (),
-    in x's dtype. See the module docstring for the algorithm."""
+    """``apply(x (N, D), w (V, D), b (V,) or None, y (N,) int64, weight (V,) or None, opts, chunk_rows,
+    use_native)`` -> loss, (N,) or (), in x's dtype (``opts`` a :class:`torch_xent.LossOptions`). See
+    the module docstring for the algorithm."""
 
     @staticmethod
-    def forward(ctx, x, w, b, y, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_rows,
-                use_native):
+    def forward(ctx, x, w, b, y, weight, opts, chunk_rows, use_native):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = b is not None and ctx.needs_input_grad[2]
         n = x.shape[0]
         acc = acc_dtype(x.dtype)
-        opts = (ignore_index, label_smoothing, z_loss, softcap, use_native)
-        ctx.opts, ctx.reduction, ctx.rows, ctx.needs = opts, reduction, chunk_rows, (need_x, need_w, need_b)
+        ctx.opts, ctx.use_native, ctx.rows, ctx.needs = opts, use_native, chunk_rows, (need_x, need_w, need_b)
         ctx.buffers = None
         ctx.save_for_backward(x, w, b, y, weight)
-        if reduction == "none":
-            losses, *_ = _chunked_pass(x, w, b, y, weight, opts, chunk_rows, None, False, False, False, True)
+        if opts.reduction == "none":
+            losses, *_ = chunked_pass(x, w, b, y, weight, opts, use_native, chunk_rows, None, False, False, False,
+                                      True)
             return losses.to(x.dtype)
-        unit, scale = _unit_row_scale(y, weight, ignore_index, reduction, n, acc)
-        total, gx, gw, gb = _chunked_pass(x, w, b, y, weight, opts, chunk_rows, unit, need_x, need_w, need_b,
-                                          False)
+        unit, scale = _unit_row_scale(y, weight, opts, n, acc)
+        total, gx, gw, gb = chunked_pass(x, w, b, y, weight, opts, use_native, chunk_rows, unit, need_x, need_w,
+                                         need_b, False)
         ctx.buffers = (gx, gw, gb)
         return (total * scale).to(x.dtype)
 
@@ -224,21 +221,22 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs
         need_x, need_w = need_x and ctx.needs_input_grad[0], need_w and ctx.needs_input_grad[1]
         need_b = need_b and ctx.needs_input_grad[2]
-        batched = _is_batched(grad_output)
-        if torch.is_grad_enabled() or (batched and ctx.reduction == "none"):
+        batched = is_batched(grad_output)
+        reduction = ctx.opts.reduction
+        if torch.is_grad_enabled() or (batched and reduction == "none"):
             gx, gw, gb = _differentiable_grads(ctx, x, w, b, y, weight, grad_output, need_x, need_w, need_b)
-        elif ctx.reduction == "none":
-            row_scale = torch.where(y != ctx.opts[0], grad_output.to(acc_dtype(x.dtype)),
+        elif reduction == "none":
+            row_scale = torch.where(y != ctx.opts.ignore_index, grad_output.to(acc_dtype(x.dtype)),
                                     torch.zeros((), dtype=acc_dtype(x.dtype), device=x.device))
             with torch.no_grad():
-                _, gx, gw, gb = _chunked_pass(x, w, b, y, weight, ctx.opts, ctx.rows, row_scale, need_x, need_w,
-                                              need_b, False)
+                _, gx, gw, gb = chunked_pass(x, w, b, y, weight, ctx.opts, ctx.use_native, ctx.rows, row_scale,
+                                             need_x, need_w, need_b, False)
             gw = gw.finish() if isinstance(gw, _HalfWeightGrad) else gw
             gb = None if gb is None else gb.to(x.dtype)
         else:
             gx, gw, gb = _take_scaled_buffers(ctx, x, w, b, y, weight, grad_output, batched)
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None)
 
 
 def _take_scaled_buffers(ctx, x, w, b, y, weight, grad_output, batched):
@@ -250,10 +248,11 @@ def _take_scaled_buffers(ctx, x, w, b, y, weight, grad_output, batched):
     if buffers is None:
         # A second backward through the same graph: recompute exactly what the forward computed,
         # so that every backward gives bit-identical gradients.
-        unit, _ = _unit_row_scale(y, weight, ctx.opts[0], ctx.reduction, x.shape[0], acc_dtype(x.dtype))
+        unit, _ = _unit_row_scale(y, weight, ctx.opts, x.shape[0], acc_dtype(x.dtype))
         need_x, need_w, need_b = ctx.needs
         with torch.no_grad():
-            _, *buffers = _chunked_pass(x, w, b, y, weight, ctx.opts, ctx.rows, unit, need_x, need_w, need_b, False)
+            _, *buffers = chunked_pass(x, w, b, y, weight, ctx.opts, ctx.use_native, ctx.rows, unit, need_x, need_w,
+                                       need_b, False)
     gx, gw, gb = buffers
     go = grad_output
     if batched:
@@ -278,143 +277,11 @@ def _take_scaled_buffers(ctx, x, w, b, y, weight, grad_output, batched):
 def _differentiable_grads(ctx, x, w, b, y, weight, grad_output, need_x, need_w, need_b):
     """The gradients as differentiable functions of x, w, b and grad_output (double backward), on the
     whole (N, V) logits."""
-    ignore_index, label_smoothing, z_loss, softcap, _ = ctx.opts
     logits = F.linear(x, w, b)
-    _, _, g, valid = reference.row_terms(logits, y, weight, ignore_index, label_smoothing, z_loss, softcap)
-    scale = reference.reduction_scale(y, weight, ignore_index, ctx.reduction, x.shape[0], g.dtype)
+    _, _, g, valid = reference.row_terms(logits, y, weight, ctx.opts)
+    scale = reference.reduction_scale(y, weight, ctx.opts, x.shape[0], g.dtype)
     gl = reference.scale_rows(g, scale * grad_output.to(g.dtype), valid).to(x.dtype)
     gx = gl @ w if need_x else None
     gw = gl.t() @ x if need_w else None
     gb = gl.sum(0) if need_b else None
     return gx, gw, gb
-
-
-def _check_linear_args(input, linear_weight, target, linear_bias):
-    if not isinstance(linear_weight, torch.Tensor) or linear_weight.dim() != 2:
-        shape = list(linear_weight.shape) if isinstance(linear_weight, torch.Tensor) else type(linear_weight)
-        raise ValueError(f"linear_cross_entropy: linear_weight must be a 2-D (num_classes, in_features) tensor, "
-                         f"got {shape}")
-    if input.dim() == 0:
-        raise ValueError("linear_cross_entropy: input must have at least one dimension (the features), got a 0-d "
-                         "tensor")
-    num_classes, in_features = linear_weight.shape
-    if input.shape[-1] != in_features:
-        raise ValueError(f"linear_cross_entropy: input has {input.shape[-1]} features in its last dimension but "
-                         f"linear_weight {list(linear_weight.shape)} expects {in_features}")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise RuntimeError(f"linear_cross_entropy: {name} has dtype {_type_name(t.dtype)} but input has "
-                               f"{_type_name(input.dtype)}; they must match")
-        if t.device != input.device:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found {name} on {t.device} "
-                               f"and input on {input.device}")
-    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes,):
-        raise ValueError(f"linear_cross_entropy: linear_bias must have shape ({num_classes},), got "
-                         f"{list(linear_bias.shape)}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"linear_cross_entropy: target must be a Tensor, not {type(target).__name__}")
-    if target.dtype.is_floating_point:
-        raise RuntimeError("linear_cross_entropy: only class-index targets (int64 or uint8) are supported, got "
-                           f"a {_type_name(target.dtype)} target; use torch_xent.cross_entropy(F.linear(...), "
-                           "probabilities) for class probabilities")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"linear_cross_entropy: target shape {list(target.shape)} must be the input's shape "
-                         f"without its last (feature) dimension, {list(input.shape[:-1])}")
-    if target.device != input.device:
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found target on {target.device} "
-                           f"and input on {input.device}")
-    if num_classes == 0:
-        raise IndexError("linear_cross_entropy: linear_weight has 0 rows (no classes)")
-
-
-def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
-                         impl="auto"):
-    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
-
-    Args:
-        input: ``(..., D)`` features (``(D,)`` for one sample): float16, bfloat16, float32 or float64.
-        linear_weight: ``(V, D)`` classifier weight, input's dtype and device.
-        target: ``(...)`` class indices (int64 or uint8) in ``[0, V)`` or equal to ``ignore_index``.
-            Class probabilities are not supported here.
-        linear_bias: optional ``(V,)`` bias.
-        weight: optional ``(V,)`` class weights, as ``F.cross_entropy``'s ``weight``.
-        reduction: ``"none"`` (loss of the target's shape), ``"mean"`` (over the counted rows,
-            weighted as ``F.cross_entropy`` does) or ``"sum"``.
-        ignore_index, label_smoothing, z_loss, softcap: as in :func:`torch_xent.cross_entropy`.
-        chunk_size: rows per chunk; None picks :func:`default_chunk_rows` (a (chunk, V) logits
-            buffer of about ``CHUNK_BYTES``, at least ``MIN_CHUNK_ROWS`` (256) rows).
-        impl: ``"auto"``, ``"native"`` or ``"reference"``: the kernel that turns each chunk's
-            logits into its loss and gradient.
-
-    Returns the loss in the input's dtype. With ``mean``/``sum`` and gradients enabled, the
-    gradients are computed during the forward (the backward only scales them): evaluate under
-    ``torch.no_grad()`` to skip that work. ``none`` recomputes the logits in the backward.
-    """
-    check_common(input, reduction, label_smoothing)
-    _check_linear_args(input, linear_weight, target, linear_bias)
-    use_native = resolve_impl(impl, input.device)
-    num_classes, in_features = linear_weight.shape
-    weight = check_weight(weight, input, num_classes)
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    out_shape = target.shape
-    x = input.reshape(-1, in_features).contiguous()
-    y = target.reshape(-1).long().contiguous()
-    if y.device.type == "cpu":  # a cheap check up front, before any work (on CUDA it would synchronise)
-        reference.check_targets_in_range(y, num_classes, ignore_index)
-    w = linear_weight.contiguous()
-    b = None if linear_bias is None else linear_bias.contiguous()
-    rows = chunk_size if chunk_size is not None else default_chunk_rows(x.shape[0], num_classes, x.dtype)
-    rows = max(1, min(rows, max(1, x.shape[0])))
-    opts = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, linear_weight,
-                                                                                            linear_bias))
-    if needs_grad:
-        loss = LinearCrossEntropyFunction.apply(x, w, b, y, weight, reduction, *opts, rows, use_native)
-    else:
-        with torch.no_grad():
-            total, *_ = _chunked_pass(x, w, b, y, weight, (*opts, use_native), rows, None, False, False, False,
-                                      reduction == "none")
-            if reduction == "mean":
-                total = total * reference.reduction_scale(y, weight, ignore_index, reduction, x.shape[0],
-                                                          total.dtype)
-        loss = total.to(input.dtype)
-    return loss.reshape(out_shape) if reduction == "none" else loss
-
-
-class LinearCrossEntropyLoss(nn.Module):
-    """Module form of :func:`linear_cross_entropy`; it holds the loss options (and the class
-    weights as a buffer), not the classifier: ``forward(input, linear_weight, target,
-    linear_bias=None)`` takes the weight (and bias) of the model's own ``nn.Linear``, so the
-    parameters stay where the model, its optimiser and its state dict expect them.
-    """
-
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0,
-                 softcap=None, chunk_size=None, impl="auto"):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.chunk_size = chunk_size
-        self.impl = impl
-
-    def forward(self, input, linear_weight, target, linear_bias=None):
-        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-                                    reduction=self.reduction, ignore_index=self.ignore_index,
-                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                                    chunk_size=self.chunk_size, impl=self.impl)
-
-    def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-                f"chunk_size={self.chunk_size}, impl={self.impl!r}")

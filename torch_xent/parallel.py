@@ -19,10 +19,22 @@ chunk by chunk as in :mod:`torch_xent.linear`. The input's gradient is the sum o
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
-from torch_xent.reference import REDUCTIONS, acc_dtype
+from torch_xent import _checks
+from torch_xent._options import LossOptions, loss_options
+from torch_xent.reference import acc_dtype
+
+
+class Shard(NamedTuple):
+    """Where this rank's classes lie: ``group``, first global class ``start``, total ``num_classes``."""
+
+    group: object
+    start: int
+    num_classes: int
 
 
 def _world(group):
@@ -51,7 +63,7 @@ def _all_reduce(t, op, group):
     return t
 
 
-def _global_rows(z, target, valid, start, num_classes, eps, z_loss, group):
+def _global_rows(z, target, valid, opts: LossOptions, shard: Shard):
     """Per-row statistics over the whole vocabulary from this rank's slice ``z`` (n, V_r), acc dtype.
 
     Returns (loss (n,), lse (n,), idx (n,), mine (n,)): loss and lse are 0 on ignored rows; ``mine``
@@ -60,6 +72,7 @@ def _global_rows(z, target, valid, start, num_classes, eps, z_loss, group):
     """
     n, local = z.shape
     acc = z.dtype
+    eps, z_loss, group = opts.label_smoothing, opts.z_loss, shard.group
     # The global max: the shift that keeps exp() in range and the sums exact for large logits.
     m = z.amax(dim=1) if local > 0 else z.new_full((n,), float("-inf"))
     _all_reduce(m, dist.ReduceOp.MAX, group)
@@ -68,7 +81,7 @@ def _global_rows(z, target, valid, start, num_classes, eps, z_loss, group):
     shift = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=acc, device=z.device))
     zs = z - shift.unsqueeze(1)
 
-    local_t = target - start
+    local_t = target - shard.start
     mine = valid & (local_t >= 0) & (local_t < local)
     idx = torch.where(mine, local_t, torch.zeros_like(local_t)).clamp_(0, max(local - 1, 0))
     zero = torch.zeros((), dtype=acc, device=z.device)
@@ -87,7 +100,7 @@ def _global_rows(z, target, valid, start, num_classes, eps, z_loss, group):
     # the shift: log_sum - (1 - eps) (z_y - m) - eps/C sum_j (z_j - m).
     loss = log_sum - (1.0 - eps) * stats[1]
     if eps > 0:
-        loss = loss - (eps / num_classes) * stats[2]
+        loss = loss - (eps / shard.num_classes) * stats[2]
     if z_loss:
         loss = loss + z_loss * lse * lse
     loss = torch.where(valid, loss, zero)
@@ -95,14 +108,15 @@ def _global_rows(z, target, valid, start, num_classes, eps, z_loss, group):
     return loss, lse, idx, mine
 
 
-def _local_grad_(z, lse, valid, idx, mine, eps, z_loss, num_classes, row_scale):
+def _local_grad_(z, lse, valid, idx, mine, opts: LossOptions, shard: Shard, row_scale):
     """Overwrites ``z`` (n, V_r), acc dtype, with d loss / d z on this slice, times ``row_scale``
     ((n,) or 0-d), exactly 0 on ignored rows."""
+    eps, z_loss = opts.label_smoothing, opts.z_loss
     z.sub_(lse.unsqueeze(1)).exp_()
     if z_loss:
         z.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
     if eps > 0:
-        z.sub_(eps / num_classes)
+        z.sub_(eps / shard.num_classes)
     if z.shape[1] > 0:
         hit = torch.full((z.shape[0], 1), -(1.0 - eps), dtype=z.dtype, device=z.device)
         z.scatter_add_(1, idx.unsqueeze(1), hit * mine.unsqueeze(1).to(z.dtype))
@@ -120,22 +134,21 @@ def _mean_scale(valid, reduction, acc):
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
-    """``apply(logits (N, V_local), target (N,) int64, group, ignore_index, reduction, label_smoothing,
-    z_loss, start, num_classes)`` -> loss ((N,) or ()) in the logits' dtype, equal on every rank."""
+    """``apply(logits (N, V_local), target (N,) int64, opts, shard)`` -> loss ((N,) or ()) in the
+    logits' dtype, equal on every rank (``opts`` a LossOptions, ``shard`` a Shard)."""
 
     @staticmethod
-    def forward(ctx, logits, target, group, ignore_index, reduction, label_smoothing, z_loss, start, num_classes):
+    def forward(ctx, logits, target, opts, shard):
         acc = acc_dtype(logits.dtype)
-        eps = float(label_smoothing)
-        valid = target != ignore_index
-        loss, lse, idx, mine = _global_rows(logits.to(acc), target, valid, start, num_classes, eps, z_loss, group)
-        scale = _mean_scale(valid, reduction, acc)
-        if reduction == "none":
+        valid = target != opts.ignore_index
+        loss, lse, idx, mine = _global_rows(logits.to(acc), target, valid, opts, shard)
+        scale = _mean_scale(valid, opts.reduction, acc)
+        if opts.reduction == "none":
             out = loss
         else:
             out = loss.sum() if scale is None else loss.sum() * scale
         ctx.save_for_backward(logits, lse, valid, idx, mine, scale)
-        ctx.eps, ctx.z_loss, ctx.num_classes = eps, float(z_loss), num_classes
+        ctx.opts, ctx.shard = opts, shard
         return out.to(logits.dtype)
 
     @staticmethod
@@ -145,19 +158,14 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         acc = acc_dtype(logits.dtype)
         row = grad_output.to(acc) if scale is None else grad_output.to(acc) * scale
         z = logits.to(acc, copy=True)
-        grad = _local_grad_(z, lse, valid, idx, mine, ctx.eps, ctx.z_loss, ctx.num_classes, row)
-        return grad.to(logits.dtype), None, None, None, None, None, None, None, None
+        grad = _local_grad_(z, lse, valid, idx, mine, ctx.opts, ctx.shard, row)
+        return grad.to(logits.dtype), None, None, None
 
 
-def _check(reduction, label_smoothing, target, name, dtype):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    if not dtype.is_floating_point:
-        raise NotImplementedError(f"{name}: logits must be floating point")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+def _check(target, name, input):
+    _checks.check_logits(input, name)
+    _checks.check_tensor(target, "target", name)
+    _checks.check_class_target_dtype(target)
 
 
 def _offsets(local, device, group, vocab_start, num_classes):
@@ -171,14 +179,6 @@ def _offsets(local, device, group, vocab_start, num_classes):
     if num_classes == 0:
         raise IndexError("the vocabulary is empty on every rank")
     return vocab_start, num_classes
-
-
-def _check_targets(tgt, ignore_index, num_classes):
-    # Without this a bad index would silently be "on no rank" (its logit taken as 0), so it is
-    # checked everywhere, at the price of one host synchronisation on the GPU.
-    bad = (tgt != ignore_index) & ((tgt < 0) | (tgt >= num_classes))
-    if bool(bad.any()):
-        raise IndexError(f"Target {int(tgt[bad][0])} is out of bounds.")
 
 
 def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_index=-100, reduction="mean",
@@ -202,7 +202,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
     Returns the loss, identical on every rank, in the logits' dtype. There are no class weights, and
     no double backward. Every rank must call this with the same rows (it is a collective).
     """
-    _check(reduction, label_smoothing, target, "vocab_parallel_cross_entropy", logits_shard.dtype)
+    opts = loss_options(reduction, ignore_index, label_smoothing, z_loss)
+    _check(target, "vocab_parallel_cross_entropy", logits_shard)
     if logits_shard.dim() < 1 or tuple(target.shape) != tuple(logits_shard.shape[:-1]):
         raise ValueError(f"target shape {tuple(target.shape)} must be the logits' shape without the class "
                          f"dimension, {tuple(logits_shard.shape[:-1])}")
@@ -210,19 +211,19 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
     logits = logits_shard.reshape(-1, logits_shard.shape[-1]).contiguous()
     tgt = target.reshape(-1).long()
     start, num_classes = _offsets(logits.shape[1], logits.device, group, vocab_start, num_classes)
-    _check_targets(tgt, ignore_index, num_classes)
-    loss = VocabParallelCrossEntropyFunction.apply(logits, tgt, group, ignore_index, reduction,
-                                                   float(label_smoothing), float(z_loss), start, num_classes)
+    # Without this a bad index would silently be "on no rank" (its logit taken as 0), so it is
+    # checked everywhere, at the price of one host synchronisation on the GPU.
+    _checks.check_targets_in_range(tgt, num_classes, ignore_index)
+    loss = VocabParallelCrossEntropyFunction.apply(logits, tgt, opts, Shard(group, start, num_classes))
     return loss.reshape(out_shape) if reduction == "none" else loss
 
 
-def _sharded_pass(x, w, b, y, valid, opts, row_scale, need_x, need_w, need_b):
+def _sharded_pass(x, w, b, y, valid, opts: LossOptions, shard: Shard, rows, row_scale, need_x, need_w, need_b):
     """One sweep over row chunks of a vocabulary-sharded linear layer + cross-entropy.
 
     Returns (row losses (N,) acc, grad_x (N, D) acc (this rank's part, not yet all-reduced),
     grad_w (V_r, D) acc, grad_b (V_r,) acc); gradients only when ``row_scale`` is given.
     """
-    group, eps, z_loss, start, num_classes, rows = opts
     n, d = x.shape
     acc = acc_dtype(x.dtype)
     grads = row_scale is not None
@@ -236,12 +237,12 @@ def _sharded_pass(x, w, b, y, valid, opts, row_scale, need_x, need_w, need_b):
         e = min(n, s + rows)
         xc = x[s:e]
         z = torch.nn.functional.linear(xc, w, b).to(acc)
-        loss, lse, idx, mine = _global_rows(z, y[s:e], valid[s:e], start, num_classes, eps, z_loss, group)
+        loss, lse, idx, mine = _global_rows(z, y[s:e], valid[s:e], opts, shard)
         losses[s:e] = loss
         if not grads:
             continue
         rs = row_scale if row_scale.dim() == 0 else row_scale[s:e]
-        g = _local_grad_(z, lse, valid[s:e], idx, mine, eps, z_loss, num_classes, rs)
+        g = _local_grad_(z, lse, valid[s:e], idx, mine, opts, shard, rs)
         if gx is not None:
             torch.mm(g, w_acc, out=gx[s:e])
         if gw is not None:
@@ -252,24 +253,24 @@ def _sharded_pass(x, w, b, y, valid, opts, row_scale, need_x, need_w, need_b):
 
 
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
-    """``apply(x (N, D) replicated, w (V_r, D), b (V_r,) or None, y (N,) int64, reduction, ignore_index,
-    opts)`` -> loss, equal on every rank. ``opts`` = (group, label_smoothing, z_loss, start,
-    num_classes, chunk_rows)."""
+    """``apply(x (N, D) replicated, w (V_r, D), b (V_r,) or None, y (N,) int64, opts, shard, chunk_rows)``
+    -> loss, equal on every rank (``opts`` a LossOptions, ``shard`` a Shard)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, y, reduction, ignore_index, opts):
+    def forward(ctx, x, w, b, y, opts, shard, rows):
         acc = acc_dtype(x.dtype)
-        valid = y != ignore_index
+        valid = y != opts.ignore_index
+        reduction = opts.reduction
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        ctx.reduction, ctx.opts, ctx.need = reduction, opts, need
+        ctx.opts, ctx.shard, ctx.rows, ctx.need = opts, shard, rows, need
         ctx.save_for_backward(x, w, b, y, valid)
         ctx.buffers = None
         scale = _mean_scale(valid, reduction, acc)
         if reduction == "none":
-            losses, *_ = _sharded_pass(x, w, b, y, valid, opts, None, *need)
+            losses, *_ = _sharded_pass(x, w, b, y, valid, opts, shard, rows, None, *need)
             return losses.to(x.dtype)
         unit = torch.ones((), dtype=acc, device=x.device) if scale is None else scale
-        losses, *buffers = _sharded_pass(x, w, b, y, valid, opts, unit, *need)
+        losses, *buffers = _sharded_pass(x, w, b, y, valid, opts, shard, rows, unit, *need)
         ctx.buffers = buffers
         total = losses.sum()
         return (total if scale is None else total * scale).to(x.dtype)
@@ -280,22 +281,23 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         x, w, b, y, valid = ctx.saved_tensors
         acc = acc_dtype(x.dtype)
         go = grad_output.to(acc)
-        if ctx.reduction == "none" or ctx.buffers is None:
+        reduction = ctx.opts.reduction
+        if reduction == "none" or ctx.buffers is None:
             # Per-row grad_output (or a second backward): recompute; the collectives run again, on
             # every rank, since every rank runs this backward.
-            if ctx.reduction == "none":
+            if reduction == "none":
                 row = go
             else:
-                scale = _mean_scale(valid, ctx.reduction, acc)
+                scale = _mean_scale(valid, reduction, acc)
                 row = go if scale is None else go * scale
-            _, gx, gw, gb = _sharded_pass(x, w, b, y, valid, ctx.opts, row, *ctx.need)
+            _, gx, gw, gb = _sharded_pass(x, w, b, y, valid, ctx.opts, ctx.shard, ctx.rows, row, *ctx.need)
         else:
             gx, gw, gb = ctx.buffers
             ctx.buffers = None
             gx, gw, gb = (None if t is None else t.mul_(go) for t in (gx, gw, gb))
         if gx is not None:
             # d loss / d x = sum over the ranks of g_r @ W_r: every rank gets the full input gradient.
-            _all_reduce(gx, dist.ReduceOp.SUM, ctx.opts[0])
+            _all_reduce(gx, dist.ReduceOp.SUM, ctx.shard.group)
         cast = (lambda t: None if t is None else t.to(x.dtype))
         return cast(gx), cast(gw), cast(gb), None, None, None, None
 
@@ -324,7 +326,8 @@ def vocab_parallel_linear_cross_entropy(input, weight_shard, target, *, bias_sha
     """
     from torch_xent.linear import default_chunk_rows
 
-    _check(reduction, label_smoothing, target, "vocab_parallel_linear_cross_entropy", input.dtype)
+    opts = loss_options(reduction, ignore_index, label_smoothing, z_loss)
+    _check(target, "vocab_parallel_linear_cross_entropy", input)
     if weight_shard.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight_shard.shape[1]:
         raise ValueError(f"input (..., D) and weight_shard (V_r, D) disagree: {list(input.shape)} and "
                          f"{list(weight_shard.shape)}")
@@ -336,16 +339,14 @@ def vocab_parallel_linear_cross_entropy(input, weight_shard, target, *, bias_sha
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target shape {list(target.shape)} must be the input's shape without its last dimension, "
                          f"{list(input.shape[:-1])}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _checks.check_chunk_size(chunk_size)
     out_shape = target.shape
     x = input.reshape(-1, input.shape[-1]).contiguous()
     y = target.reshape(-1).long()
     local = weight_shard.shape[0]
     start, num_classes = _offsets(local, x.device, group, vocab_start, num_classes)
-    _check_targets(y, ignore_index, num_classes)
+    _checks.check_targets_in_range(y, num_classes, ignore_index)
     rows = chunk_size or default_chunk_rows(x.shape[0], max(local, 1), x.dtype)
-    opts = (group, float(label_smoothing), float(z_loss), start, num_classes, max(1, rows))
-    loss = VocabParallelLinearCrossEntropyFunction.apply(x, weight_shard, bias_shard, y, reduction, ignore_index,
-                                                         opts)
+    loss = VocabParallelLinearCrossEntropyFunction.apply(x, weight_shard, bias_shard, y, opts,
+                                                         Shard(group, start, num_classes), max(1, rows))
     return loss.reshape(out_shape) if reduction == "none" else loss

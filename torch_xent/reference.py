@@ -19,23 +19,13 @@ from __future__ import annotations
 
 import torch
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+from torch_xent._checks import check_targets_in_range
+from torch_xent._options import LossOptions
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype: float32 for the half types, the dtype itself otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise PyTorch's IndexError for a class index outside [0, C) that is not ignore_index.
-
-    This needs one host synchronisation on CUDA, which is why only the reference path does it there.
-    """
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise IndexError(f"Target {value} is out of bounds.")
 
 
 def _softcap(z: torch.Tensor, softcap: float | None):
@@ -85,18 +75,18 @@ def _target_distribution(z, target, weight, ignore_index, label_smoothing):
     return q, valid
 
 
-def reduction_scale(target, weight, ignore_index, reduction, num_rows, dtype):
+def reduction_scale(target, weight, opts: LossOptions, num_rows, dtype):
     """The factor that turns per-row losses into the reduced loss: 1/denominator for `mean`.
 
     For class indices PyTorch divides by the sum of w[y] over the rows that are not ignored (their
     count without weights), for probabilities by the number of rows. 0/0 stays NaN, as in PyTorch.
     """
     device = target.device
-    if reduction != "mean":
+    if opts.reduction != "mean":
         return torch.ones((), dtype=dtype, device=device)
     if target.dtype.is_floating_point:
         return torch.full((), 1.0 / num_rows if num_rows else float("nan"), dtype=dtype, device=device)
-    valid = target != ignore_index
+    valid = target != opts.ignore_index
     if weight is None:
         denom = valid.sum().to(dtype)
     else:
@@ -105,16 +95,18 @@ def reduction_scale(target, weight, ignore_index, reduction, num_rows, dtype):
     return 1.0 / denom
 
 
-def row_terms(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
-    """Per-row loss, lse and the row gradient d loss_i / d logits_i, with differentiable torch ops.
+def row_terms(logits, target, weight, opts: LossOptions):
+    """Per-row loss, lse and the row gradient d loss_i / d logits_i, with differentiable torch ops
+    (``opts.reduction`` is not used: the rows are not reduced).
 
     Used under no_grad by the reference forward, and with grad enabled by the double backward of
     every implementation (it is differentiable in logits and in soft targets).
     Returns (loss (M,), lse (M,), grad (M, C), valid (M,)) in the accumulation dtype.
     """
     acc = acc_dtype(logits.dtype)
-    z, dcap = _softcap(logits.to(acc), softcap)
-    q, valid = _target_distribution(z, target, weight, ignore_index, label_smoothing)
+    z_loss = opts.z_loss
+    z, dcap = _softcap(logits.to(acc), opts.softcap)
+    q, valid = _target_distribution(z, target, weight, opts.ignore_index, opts.label_smoothing)
     m, log_sum = _max_and_log_sum(z)
     lse = m + log_sum
     sum_q = q.sum(dim=1)
@@ -140,20 +132,19 @@ def row_terms(logits, target, weight, ignore_index, label_smoothing, z_loss, sof
     return loss, lse, grad, valid
 
 
-def cross_entropy_forward(logits, target, weight, reduction, ignore_index=-100, label_smoothing=0.0,
-                          z_loss=0.0, softcap=None, compute_grad=True):
+def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_grad=True):
     """Reference of the ``torch_xent::cross_entropy_forward`` op (same inputs and outputs).
 
-    logits: (M, C) floating; target: (M,) int64 or (M, C) probabilities; weight: (C,) or None;
-    reduction: "none" | "mean" | "sum". Returns (loss, lse, grad) as the compiled op does.
+    logits: (M, C) floating; target: (M,) int64 or (M, C) probabilities; weight: (C,) or None.
+    Returns (loss, lse, grad) as the compiled op does: loss (M,) for reduction "none", else 0-d,
+    and lse in the accumulation dtype; grad (M, C) in the logits' dtype (empty without compute_grad).
     """
-    if isinstance(reduction, int):
-        reduction = {v: k for k, v in REDUCTIONS.items()}[reduction]
+    reduction = opts.reduction
     with torch.no_grad():
         if not target.dtype.is_floating_point:
-            check_targets_in_range(target, logits.shape[1], ignore_index)
-        loss, lse, grad, valid = row_terms(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
-        scale = reduction_scale(target, weight, ignore_index, reduction, logits.shape[0], loss.dtype)
+            check_targets_in_range(target, logits.shape[1], opts.ignore_index)
+        loss, lse, grad, valid = row_terms(logits, target, weight, opts)
+        scale = reduction_scale(target, weight, opts, logits.shape[0], loss.dtype)
         if reduction != "none":
             loss = loss.sum() * scale
             grad = scale_rows(grad, scale, valid)

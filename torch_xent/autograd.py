@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from torch_xent import reference
-from torch_xent.reference import REDUCTIONS
+from torch_xent._options import LossOptions
 
 
 def _is_compiling() -> bool:
@@ -18,18 +18,16 @@ def _is_compiling() -> bool:
         return False
 
 
-def fused_forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                  compute_grad, inplace, use_native):
+def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, use_native):
     """Runs one implementation on a 2-D contiguous (M, C) problem.
 
     Returns (loss in the accumulation dtype, lse (M,), grad (M, C) or None). With ``inplace`` the
     gradient is written into ``logits`` itself and ``grad`` is ``logits``.
     """
-    red = REDUCTIONS[reduction]
-    cap = float(softcap) if softcap else 0.0
     if use_native:
         ops = torch.ops.torch_xent
-        args = (target, weight, red, ignore_index, float(label_smoothing), float(z_loss), cap)
+        args = (target, weight, opts.reduction_code, opts.ignore_index, opts.label_smoothing, opts.z_loss,
+                opts.softcap_value)
         if _is_compiling():
             guard = contextlib.nullcontext()
         else:
@@ -42,8 +40,7 @@ def fused_forward(logits, target, weight, reduction, ignore_index, label_smoothi
                 return loss, lse, logits
             loss, lse, grad = ops.cross_entropy_forward(logits, *args, compute_grad)
         return loss, lse, (grad if compute_grad else None)
-    loss, lse, grad = reference.cross_entropy_forward(logits, target, weight, reduction, ignore_index,
-                                                      label_smoothing, z_loss, softcap, compute_grad)
+    loss, lse, grad = reference.cross_entropy_forward(logits, target, weight, opts, compute_grad)
     if not compute_grad:
         return loss, lse, None
     if inplace:
@@ -55,13 +52,13 @@ def fused_forward(logits, target, weight, reduction, ignore_index, label_smoothi
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """Softmax cross-entropy with a hand-written forward and backward.
 
-    ``apply(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-    inplace_backward, use_native)``
+    ``apply(logits, target, weight, opts, inplace_backward, use_native)`` -> (loss, lse)
 
     - logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64.
     - target: (M,) int64 class indices, or (M, C) class probabilities in the logits' dtype.
     - weight: (C,) in the logits' dtype, or None.
-    - reduction: "none" | "mean" | "sum"; returns (M,) or () in the logits' dtype.
+    - opts: a :class:`torch_xent.LossOptions` (``torch_xent.loss_options(...)`` checks and builds one);
+      the loss is (M,) for reduction "none", else 0-d, in the logits' dtype.
 
     The forward computes d loss / d logits while each row is in cache and keeps it; the backward
     scales it by grad_output in place (not at all when grad_output is 1 on the CPU) and hands the
@@ -74,17 +71,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                inplace_backward, use_native):
+    def forward(ctx, logits, target, weight, opts, inplace_backward, use_native):
         compute_grad = ctx.needs_input_grad[0]
         inplace = bool(inplace_backward) and compute_grad and not _is_compiling()
-        loss, lse, grad = fused_forward(logits, target, weight, reduction, ignore_index, label_smoothing,
-                                        z_loss, softcap, compute_grad, inplace, use_native)
-        ctx.reduction = reduction
-        ctx.ignore_index = ignore_index
-        ctx.label_smoothing = label_smoothing
-        ctx.z_loss = z_loss
-        ctx.softcap = softcap
+        loss, lse, grad = fused_forward(logits, target, weight, opts, compute_grad, inplace, use_native)
+        ctx.opts = opts
         ctx.use_native = use_native
         ctx.inplace = inplace
         ctx.logits_dtype = logits.dtype
@@ -118,11 +109,12 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             if logits is None:
                 raise RuntimeError("torch_xent: the gradient with respect to a soft target needs the logits, "
                                    "which inplace_backward=True overwrote; use inplace_backward=False")
-            scale = reference.reduction_scale(target, weight, ctx.ignore_index, ctx.reduction, ctx.num_rows,
+            scale = reference.reduction_scale(target, weight, ctx.opts, ctx.num_rows,
                                               reference.acc_dtype(ctx.logits_dtype))
-            grad_target = reference.target_gradient(logits, target, weight, ctx.label_smoothing, ctx.softcap,
+            grad_target = reference.target_gradient(logits, target, weight, ctx.opts.label_smoothing,
+                                                    ctx.opts.softcap,
                                                     grad_output.to(scale.dtype) * scale).to(target.dtype)
-        return grad_logits, grad_target, None, None, None, None, None, None, None, None
+        return grad_logits, grad_target, None, None, None, None
 
 
 # functorch's predicates for a tensor seen through vmap, looked up once (the backward runs per step).
@@ -131,7 +123,7 @@ _BATCHED_CHECKS = tuple(getattr(torch._C._functorch, name)
                         if hasattr(getattr(torch._C, "_functorch", None), name))
 
 
-def _is_batched(t) -> bool:
+def is_batched(t) -> bool:
     for check in _BATCHED_CHECKS:
         if check(t):
             return True
@@ -148,9 +140,8 @@ def _differentiable_grad(ctx, logits, target, weight, grad_output):
     if logits is None:
         raise RuntimeError("torch_xent: double backward (create_graph=True) is not supported with "
                            "inplace_backward=True, which overwrote the logits; use inplace_backward=False")
-    _, _, grad, valid = reference.row_terms(logits, target, weight, ctx.ignore_index, ctx.label_smoothing,
-                                            ctx.z_loss, ctx.softcap)
-    scale = reference.reduction_scale(target, weight, ctx.ignore_index, ctx.reduction, ctx.num_rows, grad.dtype)
+    _, _, grad, valid = reference.row_terms(logits, target, weight, ctx.opts)
+    scale = reference.reduction_scale(target, weight, ctx.opts, ctx.num_rows, grad.dtype)
     go = grad_output.to(grad.dtype)
     return reference.scale_rows(grad, scale * go, valid).to(ctx.logits_dtype)
 
@@ -158,7 +149,7 @@ def _differentiable_grad(ctx, logits, target, weight, grad_output):
 def _take_buffer(ctx, logits, target, weight, grad_output):
     """Hands the stored gradient back, scaled in place; the Function keeps no reference to it, so
     autograd can accumulate it into .grad without a copy."""
-    batched = _is_batched(grad_output)  # vmap over the backward (is_grads_batched): scale out of place
+    batched = is_batched(grad_output)  # vmap over the backward (is_grads_batched): scale out of place
     grad = ctx.grad_buffer
     if not batched:
         ctx.grad_buffer = None
@@ -169,8 +160,7 @@ def _take_buffer(ctx, logits, target, weight, grad_output):
         # Recompute with the same implementation as the forward, so that every backward through the
         # graph gives bit-identical gradients (gradcheck's reentrancy check asks for exactly that).
         with torch.no_grad():
-            _, _, grad = fused_forward(logits, target, weight, ctx.reduction, ctx.ignore_index,
-                                       ctx.label_smoothing, ctx.z_loss, ctx.softcap, True, False, ctx.use_native)
+            _, _, grad = fused_forward(logits, target, weight, ctx.opts, True, False, ctx.use_native)
     if batched:
         return _scaled(grad, grad_output)
     if grad_output.dim() == 1:

@@ -1,0 +1,49 @@
+"""The loss options, built and checked once per call and handed down by name.
+
+A ``NamedTuple`` rather than a dataclass: it is immutable, hashable, and torch.compile treats it as
+a tuple of constants when it is passed to an ``autograd.Function``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch_xent import _checks
+
+
+class LossOptions(NamedTuple):
+    """What every implementation needs to know about the loss besides the tensors.
+
+    - reduction: "none" | "mean" | "sum"
+    - ignore_index: class index whose rows count for nothing (class-index targets)
+    - label_smoothing: in [0, 1]
+    - z_loss: coefficient of lse**2 per counted row (0: off)
+    - softcap: logits replaced by softcap * tanh(logits / softcap) first (None: off)
+    """
+
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+    @property
+    def reduction_code(self) -> int:
+        """The reduction as the compiled ops take it (0 none, 1 mean, 2 sum)."""
+        return _checks.REDUCTIONS[self.reduction]
+
+    @property
+    def softcap_value(self) -> float:
+        """softcap as the compiled ops take it: 0.0 for off."""
+        return 0.0 if self.softcap is None else self.softcap
+
+    def replace(self, **changes) -> "LossOptions":
+        return self._replace(**changes)
+
+
+def loss_options(reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None) -> LossOptions:
+    """Checks the options (PyTorch's messages) and returns them normalised to Python scalars."""
+    _checks.check_reduction(reduction)
+    return LossOptions(reduction=reduction, ignore_index=int(ignore_index),
+                       label_smoothing=_checks.check_label_smoothing(label_smoothing), z_loss=float(z_loss),
+                       softcap=_checks.check_softcap(softcap))
