@@ -93,15 +93,31 @@ def check_weight(weight, input: torch.Tensor, num_classes: int):
     return weight.contiguous()
 
 
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
 def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """PyTorch's IndexError for a class index outside [0, C) that is not ignore_index.
 
-    It reads one value on the host: a synchronisation on CUDA, so callers do it only where that
-    is acceptable (see docs/semantics.md for what the CUDA kernel does instead).
+    In eager mode it reads one value on the host (a synchronisation on CUDA, so callers do it only
+    where that is acceptable). Under torch.compile a host decision cannot be traced: the check
+    becomes an asynchronous assertion in the graph, which raises ``RuntimeError`` with
+    ``OUT_OF_BOUNDS_UNDER_COMPILE`` when the graph runs (a device-side assert on CUDA).
     """
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if _is_compiling():
+        torch._assert_async(torch.logical_not(bad.any()), OUT_OF_BOUNDS_UNDER_COMPILE)
+        return
     if bool(bad.any()):
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+OUT_OF_BOUNDS_UNDER_COMPILE = ("torch_xent: a target is out of bounds (a class index outside [0, C) that is not "
+                               "ignore_index); under torch.compile the value is not named")
 
 
 def check_logits(input, fn: str = "cross_entropy") -> None:

@@ -41,17 +41,16 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
         return False
 
 
-_AVAILABLE: dict = {}
+# Which devices have a compiled kernel: decided once, at import. A lookup here must never run inside
+# a region that torch.compile traces (the first torch_xent call of a process may be one), and the
+# answer cannot change while the process runs.
+_AVAILABLE = {dev: _has_kernel("cross_entropy_forward", key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 def native_available(device="cpu") -> bool:
     """True when the compiled kernel for ``device`` (a torch.device, or a string such as "cuda") is built."""
     dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    found = _AVAILABLE.get(dev_type)
-    if found is None:
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev_type)
-        found = _AVAILABLE[dev_type] = key is not None and _has_kernel("cross_entropy_forward", key)
-    return found
+    return _AVAILABLE.get(dev_type, False)
 
 
 def resolve_impl(impl: str, device: torch.device) -> bool:

@@ -11,11 +11,7 @@ from torch_xent import reference
 from torch_xent._options import LossOptions
 
 
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # torch < 2.3
-        return False
+from torch_xent._checks import _is_compiling
 
 
 def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, use_native):
