@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from torch_xent import _checks, reference
+from torch_xent import _checks
 from torch_xent._native import resolve_impl
 from torch_xent._options import LossOptions, loss_options
 from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward
