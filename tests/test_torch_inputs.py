@@ -1,9 +1,13 @@
-"""torch_xent.linear_cross_entropy and torch_xent.LinearCrossEntropyLoss on PyTorch's own test inputs
-for F.linear_cross_entropy and nn.LinearCrossEntropyLoss (torch.testing._internal): every OpInfo sample
-of the plain, ``chunked`` and ``chunked_none`` variants and their error inputs, and the module_db
-entry's inputs and error inputs, on impl native and reference. A new torch release brings its cases.
+"""torch_xent on PyTorch's own test inputs (torch.testing._internal), on impl native and reference:
 
-The oracle is PyTorch's own unfused path (``options=None``) in float64.
+- cross_entropy / CrossEntropyLoss: the OpInfo samples of ``nn.functional.cross_entropy`` and the
+  module_db inputs and error inputs of ``nn.CrossEntropyLoss``;
+- linear_cross_entropy / LinearCrossEntropyLoss: every OpInfo sample of the plain, ``chunked`` and
+  ``chunked_none`` variants of ``nn.functional.linear_cross_entropy`` and their error inputs, and the
+  module_db entry's inputs and error inputs of ``nn.LinearCrossEntropyLoss``.
+
+A new torch release brings its new cases. The oracle is PyTorch's own function in float64 (for
+linear cross-entropy its unfused path, ``options=None``).
 """
 
 import warnings
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_xent
-from helpers import TOL
+from helpers import check_against_oracle
 
 common_methods_invocations = pytest.importorskip("torch.testing._internal.common_methods_invocations")
 common_modules = pytest.importorskip("torch.testing._internal.common_modules")
@@ -21,55 +25,71 @@ common_modules = pytest.importorskip("torch.testing._internal.common_modules")
 IMPLS = ["reference"] + (["native"] if torch_xent.native_available("cpu") else [])
 OPINFOS = {op.variant_test_name or "plain": op for op in common_methods_invocations.op_db
            if op.name == "nn.functional.linear_cross_entropy"}
-MODULE_INFO = next((m for m in common_modules.module_db if m.module_cls is getattr(torch.nn, "LinearCrossEntropyLoss",
-                                                                                    None)), None)
+CE_OPINFOS = [op for op in common_methods_invocations.op_db if op.name == "nn.functional.cross_entropy"]
+
+
+def _module_info(cls):
+    return next((m for m in common_modules.module_db if cls is not None and m.module_cls is cls), None)
+
+
+MODULE_INFO = _module_info(getattr(torch.nn, "LinearCrossEntropyLoss", None))
+CE_MODULE_INFO = _module_info(torch.nn.CrossEntropyLoss)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-pytestmark = pytest.mark.skipif(not OPINFOS, reason="this torch has no linear_cross_entropy OpInfo")
+needs_linear_opinfo = pytest.mark.skipif(not OPINFOS, reason="this torch has no linear_cross_entropy OpInfo")
 
 
-def _tol(dtype, scale=1.0):
-    rtol, atol = TOL[dtype]["matmul"]
-    return dict(rtol=rtol, atol=atol * max(1.0, scale))
+@pytest.mark.skipif(not CE_OPINFOS, reason="this torch has no cross_entropy OpInfo")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_opinfo_samples(dtype, impl):
+    for op in CE_OPINFOS:
+        torch.manual_seed(0)
+        samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
+        assert samples
+        for i, sample in enumerate(samples):
+            kwargs = dict(sample.kwargs)
+            tensors = {"input": sample.input, "target": sample.args[0], "weight": kwargs.pop("weight", None)}
+
+            def ours(**t):
+                return torch_xent.cross_entropy(**t, impl=impl, **kwargs)
+
+            def oracle(**t):
+                return F.cross_entropy(**t, **kwargs)
+
+            what = f"sample {i}: input {tuple(sample.input.shape)} target {tuple(sample.args[0].shape)} {kwargs}"
+            check_against_oracle(ours, oracle, tensors, dtype, what)
 
 
-def _leaf(t, dtype=None):
-    if not isinstance(t, torch.Tensor):
-        return t
-    out = t.detach().clone() if dtype is None or not t.is_floating_point() else t.detach().to(dtype)
-    return out.requires_grad_(t.requires_grad)
+@pytest.mark.skipif(CE_MODULE_INFO is None, reason="this torch has no CrossEntropyLoss ModuleInfo")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cross_entropy_module_db(dtype, impl):
+    torch.manual_seed(0)
+    inputs = CE_MODULE_INFO.module_inputs_func(CE_MODULE_INFO, device="cpu", dtype=dtype, requires_grad=True,
+                                               training=True)
+    assert inputs
+    for i, mi in enumerate(inputs):
+        kwargs = mi.constructor_input.kwargs
+        ours = torch_xent.CrossEntropyLoss(**kwargs, impl=impl)
+        theirs = torch.nn.CrossEntropyLoss(**kwargs).to(torch.float64)
+        ours.load_state_dict(torch.nn.CrossEntropyLoss(**kwargs).state_dict())
+        input, target = mi.forward_input.args
+        check_against_oracle(lambda input, target: ours(input, target), lambda input, target: theirs(input, target),
+                             {"input": input, "target": target}, dtype, f"module input {i}: {kwargs}")
+    errors = CE_MODULE_INFO.module_error_inputs_func(CE_MODULE_INFO, device="cpu", dtype=dtype, requires_grad=True,
+                                                     training=True)
+    for err in errors:
+        mi = err.module_error_input
+        with pytest.raises(err.error_type, match=err.error_regex):
+            module = torch_xent.CrossEntropyLoss(**mi.constructor_input.kwargs, impl=impl)
+            module(*mi.forward_input.args, **mi.forward_input.kwargs)
 
 
-def _compare(what, got, want, dtype):
-    scale = float(want.detach().abs().nan_to_num().max()) if want.numel() else 1.0
-    torch.testing.assert_close(got.detach().double(), want.detach().double(), equal_nan=True,
-                               msg=lambda m: f"{what}: {m}", **_tol(dtype, scale))
-
-
-def _check_sample(fn_ours, fn_oracle, tensors, dtype, what):
-    """tensors: name -> tensor (those with requires_grad are differentiated)."""
-    ours = {k: _leaf(v) for k, v in tensors.items()}
-    theirs = {k: _leaf(v, torch.float64) for k, v in tensors.items()}
-    lo, lt = fn_ours(**ours), fn_oracle(**theirs)
-    assert lo.dtype == dtype and lo.shape == lt.shape, what
-    _compare(f"{what} loss", lo, lt, dtype)
-    names = [k for k, v in ours.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    if not names:
-        return
-    ramp = torch.linspace(0.5, 1.5, lt.numel(), dtype=torch.float64).reshape(lt.shape)
-    go = torch.autograd.grad(lo, [ours[k] for k in names], ramp.to(lo.dtype), allow_unused=True)
-    gt = torch.autograd.grad(lt, [theirs[k] for k in names], ramp, allow_unused=True)
-    for name, a, b in zip(names, go, gt):
-        if b is None:
-            assert a is None or not a.any(), f"{what}: grad {name}"
-            continue
-        assert a is not None and a.dtype == ours[name].dtype and a.shape == b.shape, f"{what}: grad {name}"
-        _compare(f"{what} grad {name}", a, b, dtype)
-
-
+@needs_linear_opinfo
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", list(OPINFOS))
-def test_opinfo_samples(variant, dtype, impl):
+def test_linear_opinfo_samples(variant, dtype, impl):
     op = OPINFOS[variant]
     torch.manual_seed(0)
     samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
@@ -88,12 +108,13 @@ def test_opinfo_samples(variant, dtype, impl):
 
         what = (f"sample {i}: input {tuple(sample.input.shape)} weight {tuple(sample.args[0].shape)} target "
                 f"{tuple(sample.args[1].shape)} {sample.args[1].dtype} {kwargs} options={options}")
-        _check_sample(ours, oracle, tensors, dtype, what)
+        check_against_oracle(ours, oracle, tensors, dtype, what)
 
 
+@needs_linear_opinfo
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", list(OPINFOS))
-def test_opinfo_error_inputs(variant, impl):
+def test_linear_opinfo_error_inputs(variant, impl):
     errors = list(OPINFOS[variant].error_inputs("cpu"))
     assert errors
     for err in errors:
@@ -116,7 +137,7 @@ MODULE_CASES = [(torch.float64, "reference")] + [(torch.float32, impl) for impl 
 
 @needs_module_info
 @pytest.mark.parametrize("dtype,impl", MODULE_CASES, ids=[f"{d}-{i}" for d, i in MODULE_CASES])
-def test_module_db_inputs(dtype, impl):
+def test_linear_module_db_inputs(dtype, impl):
     """Each constructor and forward input of nn.LinearCrossEntropyLoss: torch_xent's module built with
     the same arguments and loaded with the PyTorch module's state dict gives its loss and gradients."""
     inputs = _module_inputs(dtype)
@@ -138,7 +159,7 @@ def test_module_db_inputs(dtype, impl):
             return _forward_with(theirs64, input, target, linear_weight, linear_bias)
 
         params = {"linear_weight": ours.linear.weight, "linear_bias": ours.linear.bias}
-        _check_sample(fn_ours, fn_theirs, {"input": input, "target": target, **params}, dtype, what)
+        check_against_oracle(fn_ours, fn_theirs, {"input": input, "target": target, **params}, dtype, what)
 
 
 def _forward_with(module, input, target, linear_weight, linear_bias):
@@ -150,7 +171,7 @@ def _forward_with(module, input, target, linear_weight, linear_bias):
 
 @needs_module_info
 @pytest.mark.parametrize("impl", IMPLS)
-def test_module_db_error_inputs(impl):
+def test_linear_module_db_error_inputs(impl):
     errors = MODULE_INFO.module_error_inputs_func(MODULE_INFO, device="cpu", dtype=torch.float32,
                                                   requires_grad=True, training=True)
     assert errors
@@ -167,6 +188,7 @@ def test_module_db_error_inputs(impl):
                 module(*mi.forward_input.args, **mi.forward_input.kwargs)
 
 
+@needs_module_info
 def test_state_dict_round_trip():
     """A state dict moves between torch_xent's module and PyTorch's both ways, K-dimensional and biased."""
     for kw in (dict(), dict(bias=True, out_features=(3, 2), weight=torch.rand(5) + 0.5)):
