@@ -8,6 +8,8 @@ reference too.
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import math
 import socket
 
@@ -216,6 +218,11 @@ def check_against_oracle(fn_ours, fn_oracle, tensors, dtype, what):
             continue
         assert a is not None and a.dtype == ours[name].dtype and a.shape == b.shape, f"{what}: grad {name}"
         _compare(f"{what} grad {name}", a, b, dtype)
+
+
+def worked_example() -> dict:
+    """The worked example of docs/gradient.md as the package ships it (x, W, target, published figures)."""
+    return json.loads(importlib.resources.files("torch_xent").joinpath("data", "worked_example.json").read_text())
 
 
 def free_port() -> int:
