@@ -93,7 +93,7 @@ def check_weight(weight, input: torch.Tensor, num_classes: int):
     return weight.contiguous()
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
     except AttributeError:  # torch < 2.3
@@ -109,7 +109,7 @@ def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index:
     ``OUT_OF_BOUNDS_UNDER_COMPILE`` when the graph runs (a device-side assert on CUDA).
     """
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if _is_compiling():
+    if is_compiling():
         torch._assert_async(torch.logical_not(bad.any()), OUT_OF_BOUNDS_UNDER_COMPILE)
         return
     if bool(bad.any()):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_xent import reference
-from torch_xent._checks import _is_compiling
+from torch_xent._checks import is_compiling
 from torch_xent._options import LossOptions
 from torch_xent.autograd import fused_forward, is_batched
 from torch_xent.reference import acc_dtype
@@ -309,7 +309,7 @@ def no_grad_loss(x, w, b, y, weight, opts, prob):
     n = x.shape[0]
     with torch.no_grad():
         total, *_ = _sweep(x, w, b, y, weight, opts, prob, None, (False,) * 4, opts.reduction == "none",
-                           _is_compiling())
+                           is_compiling())
         if opts.reduction == "mean":
             total = total * reference.reduction_scale(y, weight, opts, n * prob.positions, total.dtype)
     return total
@@ -327,7 +327,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_b = b is not None and ctx.needs_input_grad[2]
         need_t = prob.soft and ctx.needs_input_grad[3]
         needs = (need_x, need_w, need_b, need_t)
-        compiled = _is_compiling()
+        compiled = is_compiling()
         ctx.opts, ctx.prob, ctx.needs, ctx.allow_retain = opts, prob, needs, allow_retain_graph
         ctx.compiled, ctx.buffers, ctx.taken = compiled, None, False
         n = x.shape[0]
