@@ -143,7 +143,7 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     packages=find_packages(include=["torch_xent", "torch_xent.*"]),
-    package_data={"torch_xent": ["data/*.csv"]},
+    package_data={"torch_xent": ["data/*.csv", "data/*.json"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"train": ["tensorboard", "tqdm"], "test": ["pytest", "hypothesis", "tensorboard", "expecttest"]},
