@@ -41,7 +41,7 @@ import torch_xent
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CPU_SHAPES = ["150x3:float32", "256x10:float32", "4096x1000:float32", "8192x32000:float32",
-              "8192x32000:bfloat16", "2048x128256:bfloat16",
+              "8192x32000:bfloat16", "2048x128256:bfloat16", "8192x32000:float16", "2048x128256:float16",
               "4096x32000:float32:ignore", "4096x32000:float32:smooth"]
 CPU_QUICK = ["150x3:float32", "256x10:float32", "4096x1000:float32", "2048x32000:bfloat16",
              "2048x32000:float32:smooth"]

@@ -57,6 +57,8 @@ TORCH_LIBRARY(torch_xent, m) {
   // How many threads the CPU kernel's at::parallel_for really runs on for `tasks` tasks of grain 1
   // (a build check: 1 means the extension was compiled without the OpenMP that torch uses).
   m.def("cpu_parallel_threads(int tasks) -> int", &torch_xent::cpu::parallel_threads);
+  // Which instruction-set variant of the CPU row kernel runs (chosen at run time, see cpu/xent_cpu.h).
+  m.def("cpu_kernel_variant() -> str", &torch_xent::cpu::kernel_variant);
 }
 
 TORCH_LIBRARY_IMPL(torch_xent, CompositeExplicitAutograd, m) {

@@ -25,7 +25,8 @@ def show_config(file=None) -> str:
             used = "reference (pure PyTorch)"
         threads = ""
         if built and device == "cpu":
-            threads = f" (rows in parallel on {_native.cpu_parallel_threads()} of {torch.get_num_threads()} threads)"
+            threads = (f" ({_native.cpu_kernel_variant()}, rows in parallel on {_native.cpu_parallel_threads()} of "
+                       f"{torch.get_num_threads()} threads)")
         lines.append(f"  {device}: kernel {'built' if built else 'not built'}{threads}; impl='auto' uses the {used}")
     text = "\n".join(lines)
     print(text, file=file)

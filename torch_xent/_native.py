@@ -82,6 +82,14 @@ def cpu_parallel_threads(tasks=None) -> int:
     return int(torch.ops.torch_xent.cpu_parallel_threads(torch.get_num_threads() if tasks is None else tasks))
 
 
+def cpu_kernel_variant() -> str:
+    """The instruction-set variant of the CPU kernel this process runs: "DEFAULT", "AVX2", "AVX512" or
+    "AVX512_BF16" (AVX512 with one-instruction bfloat16 stores); "" without the extension."""
+    if _C is None:
+        return ""
+    return str(torch.ops.torch_xent.cpu_kernel_variant())
+
+
 if _C is not None:
     _lib_ops = torch.ops.torch_xent
 

@@ -3,6 +3,7 @@
 //   xent_rows_default.cpp     portable (ATen's DEFAULT Vectorized: plain C++ the compiler may vectorise)
 //   xent_rows_x86_avx2.cpp    AVX2 + FMA + F16C
 //   xent_rows_x86_avx512.cpp  AVX-512 F/BW/VL/DQ
+//   xent_rows_x86_avx512_bf16.cpp  the same with AVX512_BF16, for bfloat16 (its float -> bfloat16 stores)
 // xent_kernel.cpp picks one at run time from at::native::get_cpu_capability(), so the extension runs
 // on any x86-64 CPU (and honours ATEN_CPU_CAPABILITY=default|avx2|avx512, which the tests use to check
 // every variant). This header only holds plain C++ types: it is included before the instruction-set
@@ -10,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 // The x86 variants rely on `#pragma GCC target`, which GCC honours (and clang does not): other
 // compilers and architectures build the portable variant only.
@@ -49,6 +51,10 @@ struct RowsArgs {
 // as compiled into this extension (1 when built without the OpenMP that torch's backend needs).
 int64_t parallel_threads(int64_t tasks);
 
+// The instruction-set variant of the row kernel, chosen once per process: DEFAULT, AVX2, AVX512 or
+// AVX512_BF16 (AVX512, with bfloat16 run by xent_rows_x86_avx512_bf16.cpp).
+std::string kernel_variant();
+
 // Processes rows [begin, end) of the problem: writes row_loss, lse and (when grad) the gradient rows.
 using RowsFn = void (*)(const RowsArgs& args, int64_t begin, int64_t end);
 
@@ -60,6 +66,9 @@ namespace AVX2 {
 void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
 }
 namespace AVX512 {
+void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
+}
+namespace AVX512_BF16 {
 void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
 }
 #endif

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <set>
@@ -53,21 +54,34 @@ namespace {
 
 using at::Tensor;
 
-cpu::RowsFn select_rows_kernel() {
+struct RowsVariant {
+  cpu::RowsFn fn;
+  const char* name;
+};
+
+RowsVariant select_rows_kernel() {
 #if TORCH_XENT_X86_VARIANTS
   // ATen's own choice (cpuinfo, overridable with ATEN_CPU_CAPABILITY=default|avx2|avx512): the CPU
   // runs ATen's kernels of that capability, so it runs ours.
   const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") return &cpu::AVX512::cross_entropy_rows;
-  if (capability == "AVX2") return &cpu::AVX2::cross_entropy_rows;
+  if (capability == "AVX512") {
+    // bfloat16 stores in one instruction where the CPU has AVX512_BF16.
+    const char* env = std::getenv("TORCH_XENT_AVX512_BF16");
+    const bool allowed = env == nullptr || std::string(env) != "0";
+    if (allowed && __builtin_cpu_supports("avx512bf16")) return {&cpu::AVX512_BF16::cross_entropy_rows, "AVX512_BF16"};
+    return {&cpu::AVX512::cross_entropy_rows, "AVX512"};
+  }
+  if (capability == "AVX2") return {&cpu::AVX2::cross_entropy_rows, "AVX2"};
 #endif
-  return &cpu::DEFAULT::cross_entropy_rows;
+  return {&cpu::DEFAULT::cross_entropy_rows, "DEFAULT"};
 }
 
-cpu::RowsFn rows_kernel() {
-  static const cpu::RowsFn fn = select_rows_kernel();
-  return fn;
+const RowsVariant& rows_variant() {
+  static const RowsVariant variant = select_rows_kernel();
+  return variant;
 }
+
+cpu::RowsFn rows_kernel() { return rows_variant().fn; }
 
 // Rows per block of the target pass and of the loss sum: fixed, so that the order of the
 // floating-point additions does not depend on the thread count.
@@ -250,6 +264,8 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
 }
 
 }  // namespace
+
+std::string cpu::kernel_variant() { return rows_variant().name; }
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits_in, const Tensor& target,
                                                              const c10::optional<Tensor>& weight, int64_t reduction,

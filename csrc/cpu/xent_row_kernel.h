@@ -206,9 +206,10 @@ class RowKernel {
           }
           store_acc(scratch + j, v);
         }
-        for (int i = 0; i < K; ++i) vmax[slot * K + i] = at::vec::maximum(vmax[slot * K + i], v[i]);
+        for (int i = 0; i < K; ++i) vmax[slot * K + i] = max_skip_nan(vmax[slot * K + i], v[i]);
       });
-      const acc_t m = hmax(vmax, 2 * K);
+      acc_t m = hmax(vmax, 2 * K);  // of the chunk's logits that are not NaN
+      if (m == -kInf && chunk_has_nan(z, c0, c1)) m = std::numeric_limits<acc_t>::quiet_NaN();
       acc_t s = 0, qsum = 0, qz = 0;
       if (m == -kInf) {
         // Every logit of the chunk is -inf: exp(-inf - (-inf)) would be NaN, the truth is 0; and
@@ -232,6 +233,9 @@ class RowKernel {
           vqz[i] = Vec(acc_t(0));
         }
         for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) XENT_LAMBDA_INLINE {
+          // The next chunk's logits (or the next row's), fetched while this one is computed: its
+          // max loop then reads from cache instead of waiting on memory. A block is one cache line.
+          __builtin_prefetch(z + j + kChunk, 0, 3);
           Vec v[K];
           if constexpr (kSoftcap) {
             load_acc(scratch + j, v);
@@ -277,6 +281,15 @@ class RowKernel {
     }
     st.log_sum = std::log(sum);
     return st;
+  }
+
+  // Whether a chunk whose max over the non-NaN logits is -inf holds a NaN (then its max is NaN, as
+  // in the reference, and so are the row's lse, loss and gradient). A rare path, element by element.
+  bool chunk_has_nan(const scalar_t* z, int64_t c0, int64_t c1) const {
+    for (int64_t j = c0; j < c1; ++j) {
+      if (std::isnan(static_cast<acc_t>(z[j]))) return true;
+    }
+    return false;
   }
 
   // The gradient write: g = scale * ((coef * p - q) * chain) for every class, where q holds the part

@@ -1,5 +1,6 @@
 // The CPU kernels of one instruction set, and the choice between them. The including file
-// (xent_rows_default.cpp, xent_rows_x86_avx2.cpp, xent_rows_x86_avx512.cpp; see xent_cpu.h) defines
+// (xent_rows_default.cpp, xent_rows_x86_avx2.cpp, xent_rows_x86_avx512.cpp, xent_rows_x86_avx512_bf16.cpp;
+// see xent_cpu.h) defines
 // CPU_CAPABILITY (the inline namespace that ATen's Vectorized lives in, so each copy is distinct) and
 // CPU_CAPABILITY_<ISA>, and turns the instruction set on, before including this file. The parts:
 //   xent_vec.h          vector math: block loads and stores in the accumulation type, vector exp
@@ -48,6 +49,11 @@ void rows_for(const RowsArgs& a, int64_t begin, int64_t end) {
 }
 
 void cross_entropy_rows(const RowsArgs& a, int64_t begin, int64_t end) {
+#if defined(TORCH_XENT_AVX512_BF16)
+  // Only bfloat16 differs from the AVX512 variant (its stores, see xent_vec.h).
+  if (a.dtype != DType::kBFloat16) return AVX512::cross_entropy_rows(a, begin, end);
+  return rows_for<c10::BFloat16>(a, begin, end);
+#else
   switch (a.dtype) {
     case DType::kFloat:
       return rows_for<float>(a, begin, end);
@@ -58,6 +64,7 @@ void cross_entropy_rows(const RowsArgs& a, int64_t begin, int64_t end) {
     case DType::kHalf:
       return rows_for<c10::Half>(a, begin, end);
   }
+#endif
 }
 
 }  // namespace CPU_CAPABILITY

@@ -55,8 +55,19 @@ struct HalfBlock {
   }
   static XENT_INLINE void store(half_t* p, const Vec* v) { at::vec::convert_from_float<half_t>(v[0], v[1]).store(p); }
 };
+#if defined(TORCH_XENT_AVX512_BF16)
+// One instruction converts two float vectors to one bfloat16 vector, rounding to nearest even (as
+// ATen's dozen integer instructions do), NaN to NaN, and denormal results to 0.
+template <>
+struct Block<c10::BFloat16> : HalfBlock<c10::BFloat16> {
+  static XENT_INLINE void store(c10::BFloat16* p, const Vec* v) {
+    _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v[1], v[0])));
+  }
+};
+#else
 template <>
 struct Block<c10::BFloat16> : HalfBlock<c10::BFloat16> {};
+#endif
 template <>
 struct Block<c10::Half> : HalfBlock<c10::Half> {};
 
@@ -79,9 +90,9 @@ using FloatReg = __m256;
 #define XENT_PS(op) _mm256_##op##_ps
 #endif
 TORCH_XENT_ALWAYS_INLINE FloatReg exp_poly_reduce(FloatReg x, FloatReg* n_out) {
-  // max(c, x) returns x when x is NaN; exp(-110) is below float's smallest denormal.
+  // max(c, x) returns x when x is NaN; exp(-110) is below float's smallest denormal. No clamp from
+  // above: the arguments are <= 0 up to rounding, far below exp's overflow at 88.7.
   x = XENT_PS(max)(XENT_PS(set1)(-110.0f), x);
-  x = XENT_PS(min)(XENT_PS(set1)(88.7f), x);
 #if defined(CPU_CAPABILITY_AVX512)
   const FloatReg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -128,6 +139,34 @@ XENT_INLINE Vectorized<acc_t> weighted_logit(const Vectorized<acc_t>& q, const V
   using Vec = Vectorized<acc_t>;
   return Vec::blendv(q * z, Vec(acc_t(0)), q == Vec(acc_t(0)));
 }
+
+// max(acc, v) lane by lane where a NaN in v is skipped (acc itself is never NaN): one instruction,
+// where at::vec::maximum needs three more to propagate NaN. The kernels do not need the max to
+// carry a NaN: exp(NaN - max) makes the chunk's sum of exponentials NaN, and from there the row's
+// log-sum-exp, loss and gradient (a chunk whose other logits are all -inf is checked on its own).
+template <typename acc_t>
+XENT_INLINE Vectorized<acc_t> max_skip_nan(const Vectorized<acc_t>& acc, const Vectorized<acc_t>& v) {
+  return Vectorized<acc_t>::blendv(acc, v, v > acc);
+}
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+XENT_INLINE Vectorized<float> max_skip_nan(const Vectorized<float>& acc, const Vectorized<float>& v) {
+  return _mm512_max_ps(v, acc);  // the second operand where either is NaN
+}
+template <>
+XENT_INLINE Vectorized<double> max_skip_nan(const Vectorized<double>& acc, const Vectorized<double>& v) {
+  return _mm512_max_pd(v, acc);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+XENT_INLINE Vectorized<float> max_skip_nan(const Vectorized<float>& acc, const Vectorized<float>& v) {
+  return _mm256_max_ps(v, acc);
+}
+template <>
+XENT_INLINE Vectorized<double> max_skip_nan(const Vectorized<double>& acc, const Vectorized<double>& v) {
+  return _mm256_max_pd(v, acc);
+}
+#endif
 
 // The max and the sum of the lanes of count vectors.
 template <typename acc_t>
