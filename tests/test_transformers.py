@@ -322,3 +322,32 @@ def test_missing_transformers_is_a_clear_import_error():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "IMPORT ERROR: torch_xent.transformers needs the 'transformers' package" in res.stdout
     assert "torch_xent[transformers]" in res.stdout
+
+
+def test_example_trains_and_logs(tmp_path):
+    """examples/hf_tiny_llama.py end to end, a few steps: TensorBoard gets train.py's tags, and at step 0
+    the random model's statistics are those of a near-uniform softmax over 256 bytes (lse = log 256 + a
+    little, p_target about 1/256)."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "examples", "hf_tiny_llama.py"), "--steps", "4", "--batch-size", "4",
+           "--grad-accum", "2", "--seq-len", "32", "--hidden", "32", "--log-every", "2", "--eval-every", "4",
+           "--device", "cpu", "--logdir", str(tmp_path / "run")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "torch_xent fused loss" in res.stdout and "val loss" in res.stdout
+    acc = ea.EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {"train/loss", "train/accuracy", "train/lse", "train/entropy", "train/p_target", "opt/lr", "opt/grad_norm",
+            "perf/tokens_per_sec", "val/loss", "val/accuracy", "val/lse", "val/entropy", "val/p_target"}
+    assert want <= tags, want - tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2, 3]
+    assert [e.step for e in acc.Scalars("train/lse")] == [0, 2, 3]
+    import math
+    lse0, p0 = acc.Scalars("train/lse")[0].value, acc.Scalars("train/p_target")[0].value
+    assert math.log(256) - 1e-3 < lse0 < math.log(256) + 0.5, lse0
+    assert 0.1 / 256 < p0 < 10 / 256, p0
+    loss0 = acc.Scalars("train/loss")[0].value
+    assert abs(loss0 - math.log(256)) < 0.5, loss0
+    assert all(math.isfinite(e.value) for t in want for e in acc.Scalars(t))
