@@ -251,6 +251,20 @@ def test_user_loss_function_restored_and_deepcopy():
     assert txt.is_patched(twin)
 
 
+def test_all_ignored_labels_give_nan_loss_like_transformers():
+    """transformers' mean over zero counted tokens is NaN (0/0); so is the fused loss, whose gradient is
+    exactly 0 where transformers' is NaN (torch_xent's documented choice for ignored rows)."""
+    ref = make_model("gpt2")
+    model = txt.apply_torch_xent(copy.deepcopy(ref))
+    ids, _ = make_batch()
+    labels = torch.full_like(ids, -100)
+    want = ref(input_ids=ids, labels=labels).loss
+    got = model(input_ids=ids, labels=labels).loss
+    assert torch.isnan(want) and torch.isnan(got)
+    got.backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.grad is not None)
+
+
 def test_logits_to_keep_with_labels_is_an_error():
     model = txt.apply_torch_xent(make_model("llama"))
     ids, labels = make_batch()
