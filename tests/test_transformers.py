@@ -154,6 +154,39 @@ def test_gradient_accumulation_equals_full_batch(family):
         assert_grads_close(grads, full_grads, torch.float32)
 
 
+def _trainer_run(model, tmp_path):
+    pytest.importorskip("accelerate")
+    ids, labels = make_batch(batch=8, seed=11)
+    labels[3, 4:] = -100
+    labels[6, :9] = -100  # micro-batches with different numbers of counted tokens
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(len(ids))]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    assert trainer.model_accepts_loss_kwargs  # so Trainer passes num_items_in_batch to the model
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trainer_with_gradient_accumulation_matches_unpatched(tmp_path):
+    """transformers' Trainer, 2 optimiser steps of 2 accumulated micro-batches each: the logged losses
+    and the trained weights of the patched model equal the unpatched model's."""
+    ref = make_model("llama")
+    model = txt.apply_torch_xent(copy.deepcopy(ref))
+    initial = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    want_losses, want = _trainer_run(ref, tmp_path / "ref")
+    got_losses, got = _trainer_run(model, tmp_path / "patched")
+    assert len(got_losses) == len(want_losses) == 2
+    assert got_losses == pytest.approx(want_losses, rel=1e-5)
+    assert (want["lm_head.weight"] - initial["lm_head.weight"]).abs().max().item() > 1e-4  # training moved it
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+
+
 def test_shift_labels_and_int_num_items():
     ref = make_model("qwen3")
     model = txt.apply_torch_xent(copy.deepcopy(ref))
