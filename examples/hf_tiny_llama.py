@@ -104,7 +104,7 @@ def main(argv=None):
 
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      num_key_value_heads=args.heads, max_position_embeddings=2 * args.seq_len,
+                                      num_key_value_heads=args.heads, max_position_embeddings=args.seq_len + 256,
                                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
                                       pad_token_id=None)
     model = transformers.LlamaForCausalLM(config).to(device)
