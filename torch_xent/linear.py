@@ -459,3 +459,8 @@ def half_accumulates_in_float32(options, dtype) -> bool:
     is the input's own dtype (PyTorch's lower-memory choice)."""
     acc = None if options is None else options.acc_dtype
     return not (dtype in _HALF and acc == dtype)
+
+
+# The public function lives in functional.py with cross_entropy; this name keeps `from torch_xent.linear
+# import linear_cross_entropy` working.
+from torch_xent.functional import linear_cross_entropy  # noqa: E402,F401
