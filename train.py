@@ -106,8 +106,8 @@ RUN_DEFINING = ("dataset", "task", "model", "hidden", "num_classes", "num_featur
                 "val_fraction", "data_seed", "seed", "batch_size", "ignore_fraction", "optimizer")
 # The worked example (docs/gradient.md): petal length and width (cm) of a Setosa, and the linear model's
 # initial weights for --task setosa (rows are classes; class 0 = Setosa), with b = 0.
-WORKED_EXAMPLE_X = [1.9, 0.4]
-WORKED_EXAMPLE_W = [[0.1, 0.1], [0.5, 0.5]]
+WORKED_EXAMPLE = json.loads(importlib.resources.files("torch_xent").joinpath("data", "worked_example.json").read_text())
+WORKED_EXAMPLE_X, WORKED_EXAMPLE_W = WORKED_EXAMPLE["x"], WORKED_EXAMPLE["W"]
 IGNORE_INDEX = -100       # target value whose rows do not count (PyTorch's default)
 EXIT_BAD_ARGS, EXIT_NON_FINITE = 2, 3
 # ----------------------------------------------------------------------------------------------------------

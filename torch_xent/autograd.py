@@ -11,7 +11,7 @@ from torch_xent import reference
 from torch_xent._options import LossOptions
 
 
-from torch_xent._checks import _is_compiling
+from torch_xent._checks import is_compiling
 
 
 def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, use_native):
@@ -25,7 +25,7 @@ def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inpla
         ops = torch.ops.torch_xent
         args = (target, weight, opts.reduction_code, opts.ignore_index, opts.label_smoothing, opts.z_loss,
                 opts.softcap_value)
-        if _is_compiling():
+        if is_compiling():
             guard = contextlib.nullcontext()
         else:
             # Straight to the kernel: this Function is the autograd formula, so the op's own
@@ -73,7 +73,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, opts, inplace_backward, use_native):
         compute_grad = ctx.needs_input_grad[0]
-        inplace = bool(inplace_backward) and compute_grad and not _is_compiling()
+        inplace = bool(inplace_backward) and compute_grad and not is_compiling()
         loss, lse, grad = fused_forward(logits, target, weight, opts, compute_grad, inplace, use_native)
         ctx.opts = opts
         ctx.use_native = use_native
@@ -84,7 +84,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             # The logits now hold the gradient: any other op that saved them must notice.
             torch.autograd.graph.increment_version(logits)
         to_save = [None if inplace else logits, target, weight]
-        ctx.compiled = _is_compiling()
+        ctx.compiled = is_compiling()
         if ctx.compiled:  # dynamo wants every tensor the backward reads in save_for_backward
             to_save.append(grad)
         else:
