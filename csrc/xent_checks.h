@@ -29,14 +29,16 @@ inline bool is_kernel_dtype(at::ScalarType t) {
 }
 
 // Everything about the arguments of both ops but the device of the logits. `op` names the op in the
-// messages.
+// messages. Logits are (M, C) rows, or (N, C, S): K-dimensional input with its positions flattened
+// into S, whose class targets are (N, S) (a backend may take only the first; see its own checks).
 inline void check_forward_arguments(const char* op, const at::Tensor& logits, const at::Tensor& target,
                                     const c10::optional<at::Tensor>& weight, int64_t reduction,
                                     double label_smoothing, double softcap) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (M, C), got ", logits.dim(), " dimension(s)");
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, op, ": logits must be 2-D (M, C) or 3-D (N, C, S), got ",
+              logits.dim(), " dimension(s)");
   TORCH_CHECK(is_kernel_dtype(logits.scalar_type()), op,
               ": logits must be float32, float64, bfloat16 or float16, got ", logits.scalar_type());
-  const int64_t rows = logits.size(0), classes = logits.size(1);
+  const int64_t classes = logits.size(1);
   TORCH_CHECK(classes > 0, op, ": logits have 0 classes");
   TORCH_CHECK(target.device() == logits.device(), op, ": target must be on the logits' device ", logits.device(),
               ", got ", target.device());
@@ -48,8 +50,14 @@ inline void check_forward_arguments(const char* op, const at::Tensor& logits, co
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
                 target.scalar_type());
-    TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, op, ": class-index targets must have shape (", rows,
-                "), got ", target.sizes());
+    if (logits.dim() == 2) {
+      TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op,
+                  ": class-index targets must have shape (", logits.size(0), "), got ", target.sizes());
+    } else {
+      TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2), op,
+                  ": class-index targets must have shape (", logits.size(0), ", ", logits.size(2), "), got ",
+                  target.sizes());
+    }
   }
   if (weight.has_value() && weight->defined()) {
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes, op, ": weight must have shape (", classes,

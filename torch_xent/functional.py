@@ -18,9 +18,17 @@ from torch_xent._options import LossOptions, loss_options
 from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward
 
 
-def _flatten_problem(input, target, soft):
+# The CPU kernel's K-dim layout compares class indices in float32 lanes: exact below 2**24.
+_POSITIONS_MAX_CLASSES = 1 << 24
+
+
+def _flatten_problem(input, target, soft, positions_layout=False):
     """The 2-D problem: (logits (M, C), target (M,) int64 or (M, C) probabilities, out_shape), where
-    out_shape is the shape of the unreduced loss."""
+    out_shape is the shape of the unreduced loss.
+
+    K-dim (N, C, d1, ..., dK) input is copied to (M, C) rows only when it has to be: channels-last
+    memory already is rows (a view), and with ``positions_layout`` (the CPU kernel) contiguous input
+    becomes an (N, C, S) view that the kernel reads as it is. Other layouts are copied."""
     num_classes = input.shape[0 if input.dim() == 1 else 1]
     if input.dim() == 1:
         out_shape = ()
@@ -31,8 +39,15 @@ def _flatten_problem(input, target, soft):
         logits, tgt = input, target
     else:
         out_shape = (input.shape[0], *input.shape[2:])
-        logits = input.movedim(1, -1).reshape(-1, num_classes)
-        tgt = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
+        rows_view = input.movedim(1, -1)
+        if (positions_layout and not rows_view.is_contiguous() and input.is_contiguous()
+                and num_classes < _POSITIONS_MAX_CLASSES):
+            n = input.shape[0]
+            logits = input.view(n, num_classes, -1)
+            tgt = target.reshape(n, num_classes, -1) if soft else target.reshape(n, -1)
+        else:
+            logits = rows_view.reshape(-1, num_classes)
+            tgt = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
     if soft:
         tgt = tgt.to(input.dtype)
     elif tgt.dtype != torch.int64:
@@ -83,7 +98,7 @@ def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, i
     _checks.check_logits(input)
     use_native = resolve_impl(impl, input.device)
     soft = _checks.check_targets(input, target, opts.ignore_index)
-    logits, tgt, out_shape = _flatten_problem(input, target, soft)
+    logits, tgt, out_shape = _flatten_problem(input, target, soft, use_native and input.device.type == "cpu")
     weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
     if needs_grad:

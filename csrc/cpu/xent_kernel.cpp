@@ -184,15 +184,21 @@ void check_arguments(const char* op, const Tensor& logits, const Tensor& target,
                      int64_t reduction, double label_smoothing, double softcap) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU for this kernel, got ", logits.device());
   check_forward_arguments(op, logits, target, weight, reduction, label_smoothing, softcap);
+  // The K-dimensional kernel compares class indices in the accumulation type's lanes: exact below 2^24.
+  TORCH_CHECK(logits.dim() == 2 || logits.size(1) < (int64_t(1) << 24), op,
+              ": 3-D (N, C, S) logits take at most 2^24 - 1 classes, got ", logits.size(1));
 }
 
-// Runs the whole op; `grad` is the (M, C) buffer to write the gradient into (the logits themselves
-// for the in-place op), or undefined for none. Returns (loss, lse).
+// Runs the whole op on contiguous (M, C) or (N, C, S) logits; `grad` is the buffer of their shape to
+// write the gradient into (the logits themselves for the in-place op), or undefined for none.
+// Returns (loss, lse), the per-row ones of shape (M,) or (N, S).
 std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& target_in,
                                        const c10::optional<Tensor>& weight_in, int64_t reduction,
                                        int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
                                        const Tensor& grad) {
-  const int64_t rows = logits.size(0), classes = logits.size(1);
+  const bool nd = logits.dim() == 3;
+  const int64_t positions = nd ? logits.size(2) : 0;
+  const int64_t rows = nd ? logits.size(0) * positions : logits.size(0), classes = logits.size(1);
   const bool prob = at::isFloatingType(target_in.scalar_type());
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = logits.options().dtype(acc);
@@ -206,6 +212,7 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
   args.grad = grad.defined() ? grad.data_ptr() : nullptr;
   args.rows = rows;
   args.classes = classes;
+  args.positions = positions;
   args.ignore_index = ignore_index;
   args.label_smoothing = label_smoothing;
   args.z_loss = z_loss;
@@ -235,19 +242,24 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
     args.weight_total = static_cast<double>(classes);
   }
 
-  Tensor row_loss = at::empty({rows}, acc_options);
-  Tensor lse = at::empty({rows}, acc_options);
+  const std::vector<int64_t> row_shape = nd ? std::vector<int64_t>{logits.size(0), positions}
+                                            : std::vector<int64_t>{rows};
+  Tensor row_loss = at::empty(row_shape, acc_options);
+  Tensor lse = at::empty(row_shape, acc_options);
   args.row_loss = row_loss.data_ptr();
   args.lse = lse.data_ptr();
 
   if (rows > 0) {
     const cpu::RowsFn kernel = rows_kernel();
-    // About 32K elements per task: small problems stay on the calling thread.
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / classes);
-    if (rows <= grain) {
-      kernel(args, 0, rows);
+    // The tasks are rows, or tiles of positions for 3-D logits; about 32K elements per task, so that
+    // small problems stay on the calling thread.
+    const int64_t tasks = nd ? logits.size(0) * ((positions + cpu::kPositionTile - 1) / cpu::kPositionTile) : rows;
+    const int64_t task_elements = nd ? classes * cpu::kPositionTile : classes;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / task_elements);
+    if (tasks <= grain) {
+      kernel(args, 0, tasks);
     } else {
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
     }
   }
 

@@ -7,6 +7,7 @@
 //   xent_scratch.h      the per-thread scratch memory
 //   xent_row_kernel.h   RowKernel: one row at a time, vectorised along the classes
 //   xent_few_classes.h  SmallClassKernel: a vector of rows at a time, for a handful of classes
+//   xent_position_kernel.h  PositionKernel: K-dimensional (N, C, S) input, vectorised along positions
 //   this file           dispatch on dtype, target kind, softcap and gradient
 #pragma once
 
@@ -14,6 +15,7 @@
 
 #include "cpu/xent_cpu.h"
 #include "cpu/xent_few_classes.h"
+#include "cpu/xent_position_kernel.h"
 #include "cpu/xent_row_kernel.h"
 
 namespace torch_xent {
@@ -29,10 +31,28 @@ void rows_with(const RowsArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+template <typename scalar_t, bool kProb, bool kSoftcap>
+void positions_with(const RowsArgs& a, int64_t begin, int64_t end) {
+  if (a.grad != nullptr) {
+    PositionKernel<scalar_t, kProb, kSoftcap, true>(a).run(begin, end);
+  } else {
+    PositionKernel<scalar_t, kProb, kSoftcap, false>(a).run(begin, end);
+  }
+}
+
 template <typename scalar_t>
 void rows_for(const RowsArgs& a, int64_t begin, int64_t end) {
   const bool prob = a.target_prob != nullptr;
   const bool cap = a.softcap > 0;
+  if (a.positions > 0) {
+    if (prob) {
+      cap ? positions_with<scalar_t, true, true>(a, begin, end) : positions_with<scalar_t, true, false>(a, begin, end);
+    } else {
+      cap ? positions_with<scalar_t, false, true>(a, begin, end)
+          : positions_with<scalar_t, false, false>(a, begin, end);
+    }
+    return;
+  }
   if (!prob && !cap && a.classes <= kSmallClasses) {
     if (a.grad != nullptr) {
       SmallClassKernel<scalar_t, true>(a).run(begin, end);

@@ -351,6 +351,9 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& ta
                   const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing, double softcap) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor for this kernel, got ", logits.device());
   check_forward_arguments(op, logits, target, weight, reduction, label_smoothing, softcap);
+  // K-dimensional input reaches this kernel as (M, C) rows (torch_xent.functional copies it so).
+  TORCH_CHECK(logits.dim() == 2, op, ": the CUDA kernel takes 2-D (M, C) logits, got ", logits.dim(),
+              " dimensions");
   TORCH_CHECK(logits.size(1) < std::numeric_limits<int32_t>::max() - 64, op,
               ": at most 2^31 - 65 classes are supported on CUDA, got ", logits.size(1));
 }
