@@ -79,15 +79,15 @@ def cross_entropy_with_lse(input, target, weight=None, ignore_index=-100, reduct
 
 def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, impl):
     _checks.check_logits(input)
-    use_native = resolve_impl(impl, input.device)
+    kernel = resolve_impl(impl, input.device)
     soft = _checks.check_targets(input, target, opts.ignore_index)
     logits, tgt, out_shape = _flatten_problem(input, target, soft)
     weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
     if needs_grad:
-        loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, opts, inplace_backward, use_native)
+        loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, opts, inplace_backward, kernel)
     else:
-        loss, lse, _ = fused_forward(logits, tgt, weight, opts, False, False, use_native)
+        loss, lse, _ = fused_forward(logits, tgt, weight, opts, False, False, kernel)
         loss = loss.to(input.dtype)
     if opts.reduction == "none" and len(out_shape) != 1:
         loss = loss.reshape(out_shape)
@@ -122,7 +122,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
     opts = loss_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
     _checks.check_linear_args(input, linear_weight, target, linear_bias)
-    use_native = resolve_impl(impl, input.device)
+    kernel = resolve_impl(impl, input.device)
     num_classes, in_features = linear_weight.shape
     weight = _checks.check_weight(weight, input, num_classes)
     _checks.check_chunk_size(chunk_size)
@@ -138,10 +138,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (input, linear_weight, linear_bias))
     if needs_grad:
-        loss = linear.LinearCrossEntropyFunction.apply(x, w, b, y, weight, opts, rows, use_native)
+        loss = linear.LinearCrossEntropyFunction.apply(x, w, b, y, weight, opts, rows, kernel)
     else:
         with torch.no_grad():
-            total, *_ = linear.chunked_pass(x, w, b, y, weight, opts, use_native, rows, None, False, False, False,
+            total, *_ = linear.chunked_pass(x, w, b, y, weight, opts, kernel, rows, None, False, False, False,
                                             opts.reduction == "none")
             if opts.reduction == "mean":
                 total = total * reference.reduction_scale(y, weight, opts, x.shape[0], total.dtype)
