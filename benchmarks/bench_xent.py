@@ -1,4 +1,5 @@
-"""Softmax cross-entropy, side by side: PyTorch eager, torch.compile, torch_xent's reference and its
+"""Softmax cross-entropy, side by side: PyTorch eager, torch.compile, torch_xent's pure-PyTorch paths
+(the fast one, impl="aten", with and without inplace_backward, and the readable reference) and its
 native kernel (with and without inplace_backward).
 
     python benchmarks/bench_xent.py                  # CPU, full shape set -> benchmarks/results/cpu.md
@@ -49,7 +50,7 @@ CUDA_SHAPES = ([f"16384x{v}:{d}" for d in ("float32", "bfloat16") for v in (4096
                + ["8192x262144:bfloat16", "16384x32768:float32:ignore", "16384x32768:float32:smooth"])
 CUDA_QUICK = ["16384x4096:float32", "16384x32768:bfloat16", "16384x32768:float32:smooth"]
 VARIANTS = {"": {}, "ignore": {"ignore_index": 0}, "smooth": {"label_smoothing": 0.1}}
-CONTENDERS = ["eager", "compile", "reference", "native", "native-inplace"]
+CONTENDERS = ["eager", "compile", "reference", "aten", "aten-inplace", "native", "native-inplace"]
 MODES = ["fwd+bwd", "fwd"]
 # Peak memory is measured for problems at least this large; below, a few pages of noise.
 MEMORY_MIN_ELEMENTS = 1 << 20
@@ -93,6 +94,10 @@ def make_contender(name, variant, compile_cache):
         return compile_cache["fn"]
     if name == "reference":
         return lambda x, y: torch_xent.cross_entropy(x, y, impl="reference", **kw)
+    if name == "aten":
+        return lambda x, y: torch_xent.cross_entropy(x, y, impl="aten", **kw)
+    if name == "aten-inplace":
+        return lambda x, y: torch_xent.cross_entropy(x, y, impl="aten", inplace_backward=True, **kw)
     if name == "native":
         return lambda x, y: torch_xent.cross_entropy(x, y, impl="native", **kw)
     if name == "native-inplace":

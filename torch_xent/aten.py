@@ -39,10 +39,12 @@ from torch_xent._options import LossOptions
 #: Bytes of logits (in the accumulation dtype) per chunk on the CPU: small enough that a chunk stays
 #: in the L2 cache between the operations that sweep it, large enough that the per-operation overhead
 #: (a few microseconds) is small against the sweep.
-CPU_CHUNK_BYTES = 1 << 20
+CPU_CHUNK_BYTES = 32 << 20
 #: Bytes per chunk on an accelerator, where every operation is a pass over device memory anyway:
 #: large chunks (few launches) under a fixed bound on the temporaries.
 DEVICE_CHUNK_BYTES = 64 << 20
+#: At most this many logits on the CPU with a plain class target: few operations (see _small_forward).
+SMALL_ELEMENTS = 1 << 14
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,6 +93,9 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     host = _host_reads_allowed(device) if host_reads is None else bool(host_reads)
     inplace = inplace and compute_grad
     soft = target.dtype.is_floating_point
+    if (host and not soft and 0 < num_rows * num_classes <= SMALL_ELEMENTS and not opts.label_smoothing
+            and not opts.z_loss and opts.softcap is None):
+        return _small_forward(logits, target, weight, opts, compute_grad, inplace, acc)
     eps = opts.label_smoothing
     z_loss = opts.z_loss
     zero = torch.zeros((), dtype=acc, device=device)
@@ -164,6 +169,33 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     if grad is None:
         grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return loss, lse, grad
+
+
+def _small_forward(logits, target, weight, opts, compute_grad, inplace, acc):
+    """A small problem with a plain class target, on the CPU: the time is the per-operation overhead,
+    so it takes the fewest operations, ATen's own log_softmax and nll_loss kernels (with PyTorch's
+    target check and message); the (M, C) temporaries are at most SMALL_ELEMENTS."""
+    x = logits if logits.dtype == acc else logits.to(acc)
+    w = None if weight is None else weight.to(acc)
+    code = {"none": 0, "mean": 1, "sum": 2}[opts.reduction]
+    lp = torch._log_softmax(x, 1, False)
+    loss, total_weight = torch.ops.aten.nll_loss_forward.default(lp, target, w, code, opts.ignore_index)
+    lse = x.amax(1) - lp.amax(1)  # as in _chunk (torch.logsumexp gives inf, not NaN, for a +inf logit)
+    valid = target != opts.ignore_index
+    ignored = not bool(valid.all())
+    if ignored:
+        lse = torch.where(valid, lse, 0.0)
+    if not compute_grad:
+        return loss, lse, logits.new_empty(0)
+    upstream = lp.new_ones(loss.shape)
+    g = torch.ops.aten.nll_loss_backward.default(upstream, lp, target, w, code, opts.ignore_index, total_weight)
+    g = torch._log_softmax_backward_data(g, lp, 1, acc)  # g - softmax * sum(g): (scale * w_y) (p - onehot)
+    if ignored:  # exactly 0, even for non-finite logits
+        g.masked_fill_(~valid.unsqueeze(1), 0.0)
+    if inplace:
+        logits.copy_(g)
+        return loss, lse, logits
+    return loss, lse, (g if g.dtype == logits.dtype else g.to(logits.dtype))
 
 
 def _reduction_scale(reduction, soft, valid, wy, num_rows, acc, device):
