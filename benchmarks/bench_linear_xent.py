@@ -34,6 +34,17 @@ CONTENDERS = ["unfused", "torch", "torch_xent"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "linear-cpu.md")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _vm_hwm_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -131,6 +142,8 @@ def main():
     text = "\n".join([
         "# Linear + cross-entropy, forward + backward, CPU",
         "",
+        f"CPU: {_cpu_model()}; load average at the end {os.getloadavg()[0]:.1f} (a shared machine: compare the",
+        "ratios, measured in the same interleaved rounds, rather than the times).",
         f"torch {torch.__version__}, {os.cpu_count()} CPU threads visible, {args.reps} interleaved fresh-process "
         "runs per contender (median). Produced by `python benchmarks/bench_linear_xent.py`.",
         "Extra peak memory = VmHWM after the step minus VmHWM with the inputs allocated; it includes the",

@@ -8,6 +8,8 @@ reference too.
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import math
 import socket
 
@@ -175,6 +177,52 @@ def assert_matches_reference(out, logits, target, weight, opts: LossOptions, com
         assert_close(grad, rgrad, dtype, f"grad {what}", "grad")
     elif grad is not None:
         assert grad.numel() == 0, what
+
+
+def _tol(dtype, scale=1.0):
+    rtol, atol = TOL[dtype]["matmul"]
+    return dict(rtol=rtol, atol=atol * max(1.0, scale))
+
+
+def _leaf(t, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        return t
+    out = t.detach().clone() if dtype is None or not t.is_floating_point() else t.detach().to(dtype)
+    return out.requires_grad_(t.requires_grad)
+
+
+def _compare(what, got, want, dtype):
+    scale = float(want.detach().abs().nan_to_num().max()) if want.numel() else 1.0
+    torch.testing.assert_close(got.detach().double(), want.detach().double(), equal_nan=True,
+                               msg=lambda m: f"{what}: {m}", **_tol(dtype, scale))
+
+
+def check_against_oracle(fn_ours, fn_oracle, tensors, dtype, what):
+    """Calls ``fn_ours(**tensors)`` and ``fn_oracle(**tensors in float64)`` and compares the values and
+    the gradients with respect to every tensor that requires grad (a ramp as upstream gradient), with
+    TOL[dtype]["matmul"] scaled by the values' magnitude. Used for PyTorch's own sample inputs."""
+    ours = {k: _leaf(v) for k, v in tensors.items()}
+    theirs = {k: _leaf(v, torch.float64) for k, v in tensors.items()}
+    lo, lt = fn_ours(**ours), fn_oracle(**theirs)
+    assert lo.dtype == dtype and lo.shape == lt.shape, what
+    _compare(f"{what} loss", lo, lt, dtype)
+    names = [k for k, v in ours.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    if not names:
+        return
+    ramp = torch.linspace(0.5, 1.5, lt.numel(), dtype=torch.float64).reshape(lt.shape)
+    go = torch.autograd.grad(lo, [ours[k] for k in names], ramp.to(lo.dtype), allow_unused=True)
+    gt = torch.autograd.grad(lt, [theirs[k] for k in names], ramp, allow_unused=True)
+    for name, a, b in zip(names, go, gt):
+        if b is None:
+            assert a is None or not a.any(), f"{what}: grad {name}"
+            continue
+        assert a is not None and a.dtype == ours[name].dtype and a.shape == b.shape, f"{what}: grad {name}"
+        _compare(f"{what} grad {name}", a, b, dtype)
+
+
+def worked_example() -> dict:
+    """The worked example of docs/gradient.md as the package ships it (x, W, target, published figures)."""
+    return json.loads(importlib.resources.files("torch_xent").joinpath("data", "worked_example.json").read_text())
 
 
 def free_port() -> int:

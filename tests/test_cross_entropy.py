@@ -265,7 +265,7 @@ def test_cross_entropy_with_lse(device_impl):
 
 
 # ---------------------------------------------------------------------------------------------
-# Edge values (SEMANTICS.md, bad and edge inputs).
+# Edge values (docs/semantics.md, bad and edge inputs).
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_batch(device_impl, reduction):
@@ -424,7 +424,7 @@ def test_bad_input_raises_like_torch(device_impl, case):
     with pytest.raises(exc) as info:
         torch_xent.cross_entropy(x, t, impl=impl, **kw)
     assert fragment in str(info.value)
-    if torch_same and device == "cpu":  # the row of SEMANTICS.md really is PyTorch's behaviour
+    if torch_same and device == "cpu":  # the row of docs/semantics.md really is PyTorch's behaviour
         with pytest.raises(exc):
             F.cross_entropy(x, t, **kw)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import torch_xent
-from helpers import DTYPES, assert_matches_reference, make_problem
+from helpers import DTYPES, assert_matches_reference, make_problem, op_args
 from torch_xent import LossOptions, reference
 
 needs_gpu = pytest.mark.skipif(
@@ -80,21 +80,33 @@ OPTIONS = {
 }
 
 
+def _assert_edge_rows(loss, lse, grad, target, c):
+    """Rows 0-5 as the edge-value tests build them: a NaN logit, +inf off the target, -inf off the target,
+    -inf at the target, an ordinary row, an ignored row of NaN."""
+    assert loss[0].isnan() and grad[0].isnan().all()
+    assert loss[1].isnan()
+    assert loss[2].isfinite() and grad[2, (target[2] + 1) % c] == 0 and grad[2].isfinite().all()
+    assert loss[3] == float("inf")
+    assert loss[4].isfinite() and grad[4].isfinite().all()
+    assert loss[5] == 0 and lse[5] == 0 and (grad[5] == 0).all()
+
+
+def _option_problem(option, shape, dtype, device, seed):
+    """(logits, target, weight, op arguments (ignore_index, label_smoothing, z_loss, softcap)) for OPTIONS[option]."""
+    opts = OPTIONS[option]
+    logits, target, w = make_problem(shape, dtype, device, dict(opts, scale=4.0), seed)
+    return logits, target, w, op_args(opts)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("c", [33, 2051, 40000])
 def test_options(c, option, dtype):
-    opts = dict(OPTIONS[option])
-    gen = torch.Generator().manual_seed(7 * c + len(option))
-    soft = opts.pop("soft", False)
-    logits, target, w = make_problem((9, c), dtype, "cuda", dict(soft=soft, weight=opts.pop("weight", False),
-                                     ignore_index=opts.get("ignore_index"), scale=4.0), gen)
+    logits, target, w, args = _option_problem(option, (9, c), dtype, "cuda", 7 * c + len(option))
     for reduction in (0, 1, 2):
-        check_against_reference(logits, target, w, reduction, opts.get("ignore_index", -100),
-                                opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0), opts.get("softcap", 0.0))
-    check_against_reference(logits, target, w, 1, opts.get("ignore_index", -100), opts.get("label_smoothing", 0.0),
-                            opts.get("z_loss", 0.0), opts.get("softcap", 0.0), compute_grad=False)
+        check_against_reference(logits, target, w, reduction, *args)
+    check_against_reference(logits, target, w, 1, *args, compute_grad=False)
 
 
 @needs_gpu
@@ -182,13 +194,7 @@ def test_nan_and_inf_rows(c):
     logits[3, target[3]] = float("-inf")   # -inf at the target: infinite loss
     logits[5] = float("nan")               # ignored row: 0 loss, 0 gradient, never read
     loss, lse, grad = OPS.cross_entropy_forward(logits, target, None, 0, -100, 0.0, 0.0, 0.0, True)
-    loss, grad = loss.cpu(), grad.cpu()
-    assert loss[0].isnan() and grad[0].isnan().all()
-    assert loss[1].isnan()
-    assert loss[2].isfinite() and grad[2, (target[2] + 1) % c] == 0 and grad[2].isfinite().all()
-    assert loss[3] == float("inf")
-    assert loss[4].isfinite() and grad[4].isfinite().all()
-    assert loss[5] == 0 and lse[5] == 0 and (grad[5] == 0).all()
+    _assert_edge_rows(loss.cpu(), lse.cpu(), grad.cpu(), target.cpu(), c)
     check_against_reference(logits[2:3].contiguous(), target[2:3], None, 0)
 
 
@@ -477,14 +483,9 @@ def test_emulated_paths(emulator, c, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [33, 2051, 20000])
 def test_emulated_options(emulator, c, dtype, option):
-    opts = dict(OPTIONS[option])
-    gen = torch.Generator().manual_seed(3 * c + len(option))
-    soft = opts.pop("soft", False)
-    logits, target, w = make_problem((5, c), dtype, "cpu", dict(soft=soft, weight=opts.pop("weight", False),
-                                     ignore_index=opts.get("ignore_index"), scale=4.0), gen)
+    logits, target, w, args = _option_problem(option, (5, c), dtype, "cpu", 3 * c + len(option))
     for reduction in (0, 1, 2):
-        check_emulated(emulator, logits, target, w, reduction, opts.get("ignore_index", -100),
-                       opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0), opts.get("softcap", 0.0))
+        check_emulated(emulator, logits, target, w, reduction, *args)
 
 
 # (threads a row, blocks a row): odd thread counts of the block kernel's range, one thread for a
@@ -529,12 +530,7 @@ def test_emulated_edge_values(emulator):
     logits[5] = float("nan")
     for config in (None, (64, 4, -(-1250 // 4), True)):
         loss, lse, grad = emulate(emulator, logits, target, None, 0, config=config)
-        assert loss[0].isnan() and grad[0].isnan().all()
-        assert loss[1].isnan()
-        assert loss[2].isfinite() and grad[2, (target[2] + 1) % c] == 0 and grad[2].isfinite().all()
-        assert loss[3] == float("inf")
-        assert loss[4].isfinite() and grad[4].isfinite().all()
-        assert loss[5] == 0 and lse[5] == 0 and (grad[5] == 0).all()
+        _assert_edge_rows(loss, lse, grad, target, c)
         assert loss[6].isnan() and lse[6].isnan() and grad[6].isnan().all()
     # Large magnitudes keep their digits (the loss is computed relative to the row max).
     big, target, w = make_problem((4, 3001), torch.float32, "cpu", dict(weight=True, scale=1e4), gen)

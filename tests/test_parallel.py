@@ -65,6 +65,15 @@ def _make(case, seed):
     return logits, target, grad_out
 
 
+def _assert_loss_close(got, want, dt):
+    """The loss against the oracle, the tolerance scaled by the loss's size; returns the tolerance."""
+    tol, _ = TOL[dt]["matmul"]
+    scale = max(1.0, float(want.detach().abs().nan_to_num().max()))
+    torch.testing.assert_close(got.detach().to(torch.float64), want.detach(), atol=tol * scale, rtol=tol,
+                               equal_nan=True)
+    return tol
+
+
 def _check_case(rank, world, case, seed):
     dt = case["dtype"]
     logits, target, grad_out = _make(case, seed)
@@ -78,10 +87,7 @@ def _check_case(rank, world, case, seed):
                                        label_smoothing=case["label_smoothing"], z_loss=case["z_loss"])
     assert got.dtype == dt
     (got.to(torch.float64) * grad_out).sum().backward()
-    tol, _ = TOL[dt]["matmul"]
-    scale = max(1.0, float(want.detach().abs().nan_to_num().max()))
-    torch.testing.assert_close(got.detach().to(torch.float64), want.detach(), atol=tol * scale, rtol=tol,
-                               equal_nan=True)
+    tol = _assert_loss_close(got, want, dt)
     want_grad = full.grad[:, lo:lo + sizes[rank]]
     if case["ignore"] == "all":
         want_grad = torch.zeros_like(want_grad)  # PyTorch's 0/0 gives NaN here; we keep ignored rows at 0
@@ -110,10 +116,7 @@ def _check_linear_case(rank, world, case, seed):
                                               chunk_size=case["chunk"], **extra)
     assert got.dtype == dt
     (got.to(torch.float64) * grad_out).sum().backward()
-    tol, _ = TOL[dt]["matmul"]
-    scale = max(1.0, float(want.detach().abs().nan_to_num().max()))
-    torch.testing.assert_close(got.detach().to(torch.float64), want.detach(), atol=tol * scale, rtol=tol,
-                               equal_nan=True)
+    tol = _assert_loss_close(got, want, dt)
     pairs = [("input", xs.grad, full[0].grad), ("weight", ws.grad, full[1].grad[lo:hi])]
     if b is not None:
         pairs.append(("bias", bs.grad, full[2].grad[lo:hi]))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_port
+from helpers import free_port, worked_example
 
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 
@@ -195,29 +195,32 @@ def test_tensorboard_server_serves_the_scalars(default_run):
             server.wait()
 
 
-def test_setosa_task_logs_the_seed_numbers(tmp_path):
+def test_setosa_task_logs_the_worked_example(tmp_path):
     # One batch holds the whole training set, so step 0's loss is over known rows.
     proc = run_train(tmp_path, "--task", "setosa", "--epochs", 2, "--batch-size", 200)
     acc = events(tmp_path)
-    seed = {tag[len("seed/"):]: acc.Scalars(tag)[0] for tag in acc.Tags()["scalars"] if tag.startswith("seed/")}
-    assert all(e.step == 0 for e in seed.values())
-    value = {k: e.value for k, e in seed.items()}
-    # The seed, by hand: W rows are classes (class 0 = Setosa), x = petal length and width, b = 0.
-    x, w = [1.9, 0.4], [[0.1, 0.1], [0.5, 0.5]]
+    # The worked example's scalars are logged under seed/<name>.
+    example = {tag[len("seed/"):]: acc.Scalars(tag)[0] for tag in acc.Tags()["scalars"] if tag.startswith("seed/")}
+    assert all(e.step == 0 for e in example.values())
+    value = {k: e.value for k, e in example.items()}
+    # The worked example, by hand: W rows are classes (class 0 = Setosa), x = petal length and width, b = 0.
+    example = worked_example()
+    x, w = example["x"], example["W"]
     z = [w[0][0] * x[0] + w[0][1] * x[1], w[1][0] * x[0] + w[1][1] * x[1]]
     p = [math.exp(z[0]) / (math.exp(z[0]) + math.exp(z[1])), math.exp(z[1]) / (math.exp(z[0]) + math.exp(z[1]))]
-    assert z == pytest.approx([0.23, 1.15])
-    assert [round(v, 6) for v in p] == [0.284958, 0.715042]
+    assert z == pytest.approx(example["published"]["z"])
+    assert [round(v, 6) for v in p] == example["published"]["softmax"]
     expected = {"z_0": z[0], "z_1": z[1], "softmax_0": p[0], "softmax_1": p[1], "loss": -math.log(p[0]),
                 "dL_db_0": p[0] - 1, "dL_db_1": p[1]}
     expected |= {f"dL_dW_{i}_{j}": (p[i] - (i == 0)) * x[j] for i in range(2) for j in range(2)}
     assert set(expected) <= set(value)
     for k, v in expected.items():
         assert value[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
-    assert "softmax = [0.284958, 0.715042]" in proc.stdout
-    assert "[[-1.358580, -0.286017], [1.358580, 0.286017]]" in proc.stdout
+    assert f"softmax = [{p[0]:.6f}, {p[1]:.6f}]" in proc.stdout
+    grad_w = [[(p[i] - (i == 0)) * x[j] for j in range(2)] for i in range(2)]
+    assert "[[{:.6f}, {:.6f}], [{:.6f}, {:.6f}]]".format(*grad_w[0], *grad_w[1]) in proc.stdout
 
-    # The features are raw centimetres, not standardised: step 0's loss is the seed model's mean loss on
+    # The features are raw centimetres, not standardised: step 0's loss is the initial model's mean loss on
     # the raw petal measurements of the training rows.
     features, species = iris_rows()
     held_out = set(json.loads((tmp_path / "config.json").read_text())["validation row indices"])

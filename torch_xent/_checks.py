@@ -93,15 +93,31 @@ def check_weight(weight, input: torch.Tensor, num_classes: int):
     return weight.contiguous()
 
 
+def is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
 def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """PyTorch's IndexError for a class index outside [0, C) that is not ignore_index.
 
-    It reads one value on the host: a synchronisation on CUDA, so callers do it only where that
-    is acceptable (see docs/semantics.md for what the CUDA kernel does instead).
+    In eager mode it reads one value on the host (a synchronisation on CUDA, so callers do it only
+    where that is acceptable). Under torch.compile a host decision cannot be traced: the check
+    becomes an asynchronous assertion in the graph, which raises ``RuntimeError`` with
+    ``OUT_OF_BOUNDS_UNDER_COMPILE`` when the graph runs (a device-side assert on CUDA).
     """
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if is_compiling():
+        torch._assert_async(torch.logical_not(bad.any()), OUT_OF_BOUNDS_UNDER_COMPILE)
+        return
     if bool(bad.any()):
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+OUT_OF_BOUNDS_UNDER_COMPILE = ("torch_xent: a target is out of bounds (a class index outside [0, C) that is not "
+                               "ignore_index); under torch.compile the value is not named")
 
 
 def check_logits(input, fn: str = "cross_entropy") -> None:
@@ -109,63 +125,68 @@ def check_logits(input, fn: str = "cross_entropy") -> None:
     check_floating(input, fn)
 
 
-def check_targets(input: torch.Tensor, target, ignore_index: int) -> bool:
-    """Shapes and dtypes of ``F.cross_entropy``'s (input, target), with PyTorch's messages.
+def check_targets(input: torch.Tensor, target, ignore_index: int, shape=None) -> bool:
+    """Shapes and dtypes of ``F.cross_entropy``'s (input, target), in PyTorch's order and with its messages.
 
+    ``shape`` stands for the input's shape where the logits do not exist (linear_cross_entropy).
     Returns True for class probabilities (a target of the input's shape), False for class indices.
     """
     check_tensor(target, "target", "cross_entropy")
-    if input.dim() == 0:
+    shape = tuple(input.shape) if shape is None else tuple(shape)
+    dims = len(shape)
+    if dims == 0:
         raise ValueError("cross_entropy: input must have at least one dimension (the classes), got a 0-d tensor")
     check_same_device(target, "target", input)
-    soft = tuple(target.shape) == tuple(input.shape)
+    soft = tuple(target.shape) == shape
     if soft:
         check_soft_target(target, ignore_index)
     else:
-        check_class_target_dtype(target)
-        if input.dim() <= 2 and target.dim() != input.dim() - 1:
-            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-        if input.dim() == 2 and target.shape[0] != input.shape[0]:
-            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+        if dims >= 2 and target.dim() >= 1 and target.shape[0] != shape[0]:
+            raise ValueError(f"Expected input batch_size ({shape[0]}) to match target batch_size "
                              f"({target.shape[0]}).")
-        if input.dim() > 2:
-            expected = [input.shape[0], *input.shape[2:]]
-            if list(target.shape) != expected:
-                raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-    if input.shape[0 if input.dim() == 1 else 1] == 0:
+        if dims == 1 and target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+        if dims <= 2 and target.dim() != dims - 1 and not (dims == 1 and target.dim() == 1):
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if dims > 2 and list(target.shape) != [shape[0], *shape[2:]]:
+            raise RuntimeError(f"Expected target size {[shape[0], *shape[2:]]}, got {list(target.shape)}")
+        check_class_target_dtype(target)
+    if shape[0 if dims == 1 else 1] == 0:
         raise IndexError("torch_xent.cross_entropy: the input has 0 classes (its class dimension is empty)")
     return soft
 
 
-def check_linear_args(input, linear_weight, target, linear_bias) -> None:
-    """linear_cross_entropy's (input (..., D), linear_weight (V, D), target (...), linear_bias (V,))."""
+def check_linear_args(input, linear_weight, target, linear_bias, ignore_index):
+    """``F.linear_cross_entropy``'s checks, in its order and with its messages, then dtypes and devices.
+
+    Returns (num_classes, out_features, logits_shape): the logits that F.linear would make have
+    ``logits_shape`` = (*input.shape[:-1], num_classes, *out_features).
+    """
     fn = "linear_cross_entropy"
-    check_logits(input, fn)
-    if not isinstance(linear_weight, torch.Tensor) or linear_weight.dim() != 2:
-        shape = list(linear_weight.shape) if isinstance(linear_weight, torch.Tensor) else type(linear_weight)
-        raise ValueError(f"{fn}: linear_weight must be a 2-D (num_classes, in_features) tensor, got {shape}")
-    if input.dim() == 0:
-        raise ValueError(f"{fn}: input must have at least one dimension (the features), got a 0-d tensor")
-    num_classes, in_features = linear_weight.shape
-    if input.shape[-1] != in_features:
-        raise ValueError(f"{fn}: input has {input.shape[-1]} features in its last dimension but "
-                         f"linear_weight {list(linear_weight.shape)} expects {in_features}")
+    for what, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        check_tensor(t, what, fn)
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    in_features = input.shape[-1]
+    if in_features != linear_weight.shape[-1]:
+        raise RuntimeError("expected equal input and linear_weight last dimensions (in_features), "
+                           f"got {in_features} and {linear_weight.shape[-1]}, respectively")
+    num_classes = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes, *out_features):
+        raise RuntimeError(f"expected linear_bias shape {(num_classes, *out_features)}, got {tuple(linear_bias.shape)}")
+    if out_features and input.dim() == 1:
+        raise RuntimeError(f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires"
+                           f" batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}")
+    logits_shape = (*input.shape[:-1], num_classes, *out_features)
+    if tuple(target.shape) == logits_shape and ignore_index is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    check_floating(input, fn)
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is not None and t.dtype != input.dtype:
             raise RuntimeError(f"{fn}: {name} has dtype {type_name(t.dtype)} but input has "
                                f"{type_name(input.dtype)}; they must match")
         check_same_device(t, name, input)
-    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes,):
-        raise ValueError(f"{fn}: linear_bias must have shape ({num_classes},), got {list(linear_bias.shape)}")
-    check_tensor(target, "target", fn)
-    if target.dtype.is_floating_point:
-        raise RuntimeError(f"{fn}: only class-index targets (int64 or uint8) are supported, got a "
-                           f"{type_name(target.dtype)} target; use torch_xent.cross_entropy(F.linear(...), "
-                           "probabilities) for class probabilities")
-    check_class_target_dtype(target)
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"{fn}: target shape {list(target.shape)} must be the input's shape without its last "
-                         f"(feature) dimension, {list(input.shape[:-1])}")
-    check_same_device(target, "target", input)
-    if num_classes == 0:
-        raise IndexError(f"{fn}: linear_weight has 0 rows (no classes)")
+    return num_classes, out_features, logits_shape

@@ -41,17 +41,16 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
         return False
 
 
-_AVAILABLE: dict = {}
+# Which devices have a compiled kernel: decided once, at import. A lookup here must never run inside
+# a region that torch.compile traces (the first torch_xent call of a process may be one), and the
+# answer cannot change while the process runs.
+_AVAILABLE = {dev: _has_kernel("cross_entropy_forward", key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 def native_available(device="cpu") -> bool:
     """True when the compiled kernel for ``device`` (a torch.device, or a string such as "cuda") is built."""
     dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    found = _AVAILABLE.get(dev_type)
-    if found is None:
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev_type)
-        found = _AVAILABLE[dev_type] = key is not None and _has_kernel("cross_entropy_forward", key)
-    return found
+    return _AVAILABLE.get(dev_type, False)
 
 
 #: Whether the compiled CUDA kernel has passed the GPU test suite (tests/test_cuda.py and the CUDA
@@ -107,17 +106,6 @@ def resolve_impl(impl: str, device: torch.device) -> str:
                                   load_error() or "")
         _SELECTED[key] = kernel
     return kernel
-
-
-def _select_at_import() -> None:
-    """Fills the choice for the CPU and CUDA at import, so that a first call under torch.compile
-    does not trace the dispatcher queries behind it."""
-    for impl in IMPLS:
-        for device in ("cpu", "cuda"):
-            try:
-                resolve_impl(impl, torch.device(device))
-            except RuntimeError:  # impl="native" without that kernel: raised again when asked for
-                pass
 
 
 def cuda_version() -> int:
@@ -194,6 +182,3 @@ if _C is not None:
 
     torch.library.register_autograd("torch_xent::cross_entropy_backward", _backward_backward,
                                     setup_context=_backward_setup_context)
-
-
-_select_at_import()

@@ -23,7 +23,8 @@ No host synchronisation on an accelerator: there, a class index outside [0, C) t
 ``ignore_index`` makes its row's loss and gradient NaN (so the reduced loss is NaN) and nothing is
 read out of bounds; on the CPU it raises PyTorch's ``IndexError``. Under ``torch.compile`` the whole
 problem is one chunk (the compiler fuses the operations and plans their memory itself) and the
-targets are handled as on an accelerator.
+targets are handled as on an accelerator (on the CPU also with the asynchronous assertion of
+``_checks.check_targets_in_range``).
 
 This file shares no code with ``reference.py``, the readable statement of the same mathematics that
 the tests hold it against (and which gives every implementation its double backward).
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_xent._checks import check_targets_in_range
+from torch_xent._checks import check_targets_in_range, is_compiling
 from torch_xent._options import LossOptions
 
 #: Bytes of logits (in the accumulation dtype) per chunk on the CPU: small enough that a chunk stays
@@ -51,16 +52,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # torch < 2.3
-        return False
-
-
 def _host_reads_allowed(device: torch.device) -> bool:
     """Values may be read on the host: on the CPU (nothing to wait for), outside torch.compile."""
-    return device.type == "cpu" and not _is_compiling()
+    return device.type == "cpu" and not is_compiling()
 
 
 def chunk_rows(num_rows: int, num_classes: int, device: torch.device, acc: torch.dtype) -> int:
@@ -89,7 +83,7 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     dtype = logits.dtype
     acc = _acc_dtype(dtype)
     device = logits.device
-    compiling = _is_compiling()
+    compiling = is_compiling()
     host = _host_reads_allowed(device) if host_reads is None else bool(host_reads)
     inplace = inplace and compute_grad
     soft = target.dtype.is_floating_point
@@ -111,6 +105,8 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
             check_targets_in_range(target, num_classes, opts.ignore_index)
             y = torch.where(valid, target, 0)
         else:  # no host read: an out-of-range class is clamped for the gather and its row made NaN
+            if compiling and device.type == "cpu":  # and, as everywhere under compile, an asynchronous assert
+                check_targets_in_range(target, num_classes, opts.ignore_index)
             in_range = (target >= 0) & (target < num_classes)
             bad = valid & ~in_range
             y = torch.where(valid & in_range, target, 0)

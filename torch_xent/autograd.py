@@ -11,11 +11,7 @@ from torch_xent import aten, reference
 from torch_xent._options import LossOptions
 
 
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # torch < 2.3
-        return False
+from torch_xent._checks import is_compiling
 
 
 def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, kernel):
@@ -26,11 +22,13 @@ def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inpla
     Returns (loss in the accumulation dtype, lse (M,), grad (M, C) or None). With ``inplace`` the
     gradient is written into ``logits`` itself and ``grad`` is ``logits``.
     """
+    if kernel is True or kernel is False:  # linear.py hands a bool: the compiled kernel or the reference
+        kernel = "native" if kernel else "reference"
     if kernel == "native":
         ops = torch.ops.torch_xent
         args = (target, weight, opts.reduction_code, opts.ignore_index, opts.label_smoothing, opts.z_loss,
                 opts.softcap_value)
-        if _is_compiling():
+        if is_compiling():
             guard = contextlib.nullcontext()
         else:
             # Straight to the kernel: this Function is the autograd formula, so the op's own
@@ -81,7 +79,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, opts, inplace_backward, kernel):
         compute_grad = ctx.needs_input_grad[0]
-        inplace = bool(inplace_backward) and compute_grad and not _is_compiling()
+        inplace = bool(inplace_backward) and compute_grad and not is_compiling()
         loss, lse, grad = fused_forward(logits, target, weight, opts, compute_grad, inplace, kernel)
         ctx.opts = opts
         ctx.kernel = kernel
@@ -92,7 +90,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             # The logits now hold the gradient: any other op that saved them must notice.
             torch.autograd.graph.increment_version(logits)
         to_save = [None if inplace else logits, target, weight]
-        ctx.compiled = _is_compiling()
+        ctx.compiled = is_compiling()
         if ctx.compiled:  # dynamo wants every tensor the backward reads in save_for_backward
             to_save.append(grad)
         else:

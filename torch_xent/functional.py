@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from torch_xent import _checks, reference
+from torch_xent import _checks
 from torch_xent._native import resolve_impl
 from torch_xent._options import LossOptions, loss_options
 from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward
@@ -23,7 +25,7 @@ def _flatten_problem(input, target, soft):
     if input.dim() == 1:
         out_shape = ()
         logits = input.unsqueeze(0)
-        tgt = target.unsqueeze(0)
+        tgt = target.reshape(1, -1) if soft else target.reshape(1)
     elif input.dim() == 2:
         out_shape = (input.shape[0],)
         logits, tgt = input, target
@@ -95,55 +97,71 @@ def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, i
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
-                         impl="auto"):
-    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
+                         ignore_index=None, label_smoothing=0.0, options=None, z_loss=0.0, softcap=None,
+                         chunk_size=None, impl="auto"):
+    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits:
+    a drop-in for ``torch.nn.functional.linear_cross_entropy`` (same arguments, semantics and errors).
 
     Args:
-        input: ``(..., D)`` features (``(D,)`` for one sample): float16, bfloat16, float32 or float64.
-        linear_weight: ``(V, D)`` classifier weight, input's dtype and device.
-        target: ``(...)`` class indices (int64 or uint8) in ``[0, V)`` or equal to ``ignore_index``.
-            Class probabilities are not supported here.
-        linear_bias: optional ``(V,)`` bias.
-        weight: optional ``(V,)`` class weights, as ``F.cross_entropy``'s ``weight``.
-        reduction: ``"none"`` (loss of the target's shape), ``"mean"`` (over the counted rows,
-            weighted as ``F.cross_entropy`` does) or ``"sum"``.
-        ignore_index, label_smoothing, z_loss, softcap: as in :func:`torch_xent.cross_entropy`.
-        chunk_size: rows per chunk; None picks :func:`torch_xent.linear.default_chunk_rows` (a
-            (chunk, V) logits buffer of about ``CHUNK_BYTES``, at least ``MIN_CHUNK_ROWS`` (256) rows).
+        input: ``(N, D)`` features, or ``(D,)`` for one sample; float16, bfloat16, float32 or float64.
+        linear_weight: ``(C, D)`` classifier weight, or ``(C, d1, ..., dK, D)`` for a K-dimensional loss
+            (the logits are then ``(N, C, d1, ..., dK)``; needs batched input).
+        target: class indices ``(N,)`` / ``(N, d1, ..., dK)`` / ``()`` (int64 or uint8) in ``[0, C)`` or
+            equal to ``ignore_index``; or class probabilities of the logits' shape.
+        linear_bias: optional bias, ``(C,)`` or ``(C, d1, ..., dK)``.
+        weight: optional ``(C,)`` class weights, as ``F.cross_entropy``'s ``weight``.
+        reduction, label_smoothing: as in ``F.cross_entropy``.
+        ignore_index: ``None`` (PyTorch's default) means -100 for class indices; it must stay ``None``
+            for class probabilities.
+        options: a ``torch.nn.LinearCrossEntropyOptions`` or None. torch_xent always works chunk by
+            chunk; from ``options`` it takes ``batch_chunk_size`` / ``chunking_method`` (rows per
+            chunk), ``acc_dtype`` (for half inputs: the input's own dtype accumulates the weight and
+            bias gradients in half precision, anything else in float32) and ``allow_retain_graph``
+            (False: a second backward raises, as PyTorch's chunked path does; with ``options=None``
+            a second backward recomputes).
+        z_loss, softcap: torch_xent's additions, as in :func:`torch_xent.cross_entropy`.
+        chunk_size: torch_xent's addition: rows per chunk (overrides ``options``); None picks
+            :func:`torch_xent.linear.default_chunk_rows` (a (chunk, C) logits buffer of about
+            ``CHUNK_BYTES``, at least ``MIN_CHUNK_ROWS`` (256) rows).
         impl: ``"auto"``, ``"native"`` or ``"reference"``: the kernel that turns each chunk's
             logits into its loss and gradient.
 
-    Returns the loss in the input's dtype. With ``mean``/``sum`` and gradients enabled, the
-    gradients are computed during the forward (the backward only scales them): evaluate under
-    ``torch.no_grad()`` to skip that work. ``none`` recomputes the logits in the backward.
+    Returns the loss in the input's dtype. Only a (chunk, C * d1 * ... * dK) block of logits exists at
+    a time. With ``mean``/``sum`` and gradients enabled, the gradients are computed during the forward
+    (the backward only scales them): evaluate under ``torch.no_grad()`` to skip that work. ``none``
+    recomputes the logits in the backward.
     """
     from torch_xent import linear
 
-    opts = loss_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
-    _checks.check_linear_args(input, linear_weight, target, linear_bias)
-    kernel = resolve_impl(impl, input.device)
-    num_classes, in_features = linear_weight.shape
+    num_classes, out_features, logits_shape = _checks.check_linear_args(input, linear_weight, target, linear_bias,
+                                                                        ignore_index)
+    opts = loss_options(reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap)
+    soft = _checks.check_targets(input, target, opts.ignore_index, shape=logits_shape)
+    # linear.py takes a bool (the schema of its compiled op): the compiled kernel, or the reference.
+    use_native = resolve_impl(impl, input.device) == "native"
     weight = _checks.check_weight(weight, input, num_classes)
     _checks.check_chunk_size(chunk_size)
-    out_shape = target.shape
-    x = input.reshape(-1, in_features).contiguous()
-    y = target.reshape(-1).long().contiguous()
-    if y.device.type == "cpu":  # a cheap check up front, before any work (on CUDA it would synchronise)
-        _checks.check_targets_in_range(y, num_classes, opts.ignore_index)
-    w = linear_weight.contiguous()
-    b = None if linear_bias is None else linear_bias.contiguous()
-    rows = chunk_size if chunk_size is not None else linear.default_chunk_rows(x.shape[0], num_classes, x.dtype)
-    rows = max(1, min(rows, max(1, x.shape[0])))
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (input, linear_weight, linear_bias))
-    if needs_grad:
-        loss = linear.LinearCrossEntropyFunction.apply(x, w, b, y, weight, opts, rows, kernel)
+    positions = math.prod(out_features)
+    batched = input.dim() == 2
+    x = (input if batched else input.unsqueeze(0)).contiguous()
+    n, in_features = x.shape
+    w = linear_weight.reshape(num_classes * positions, in_features).contiguous()
+    b = None if linear_bias is None else linear_bias.reshape(num_classes * positions).contiguous()
+    if soft:
+        y = target.reshape(n, num_classes, positions).to(input.dtype).contiguous()
     else:
-        with torch.no_grad():
-            total, *_ = linear.chunked_pass(x, w, b, y, weight, opts, kernel, rows, None, False, False, False,
-                                            opts.reduction == "none")
-            if opts.reduction == "mean":
-                total = total * reference.reduction_scale(y, weight, opts, x.shape[0], total.dtype)
-        loss = total.to(input.dtype)
-    return loss.reshape(out_shape) if opts.reduction == "none" else loss
+        y = target.reshape(n * positions).long().contiguous()
+        if y.device.type == "cpu":  # a cheap check up front, before any work (on CUDA it would synchronise)
+            _checks.check_targets_in_range(y, num_classes, opts.ignore_index)
+    rows = linear.chunk_rows_for(options, chunk_size, n, in_features, num_classes * positions, x.dtype)
+    prob = linear.LinearProblem(num_classes, positions, soft, rows, use_native,
+                                linear.half_accumulates_in_float32(options, x.dtype))
+    grad_inputs = (input, linear_weight, linear_bias, target if soft else None)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs):
+        allow_retain = options is None or bool(options.allow_retain_graph)
+        loss = linear.LinearCrossEntropyFunction.apply(x, w, b, y, weight, opts, prob, allow_retain)
+    else:
+        loss = linear.no_grad_loss(x, w, b, y, weight, opts, prob).to(input.dtype)
+    if opts.reduction != "none":
+        return loss
+    return loss.reshape((n, *out_features) if batched else ())

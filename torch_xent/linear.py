@@ -30,10 +30,13 @@ Double backward (``create_graph=True``) recomputes everything with differentiabl
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 
 from torch_xent import reference
+from torch_xent._checks import is_compiling
 from torch_xent._options import LossOptions
 from torch_xent.autograd import fused_forward, is_batched
 from torch_xent.reference import acc_dtype
@@ -126,28 +129,63 @@ class _HalfWeightGrad:
         return (torch.cat([lo, hi]) * grad_output).to(self.out.dtype)
 
 
-def chunked_pass(x, w, b, y, weight, opts: LossOptions, use_native, rows, row_scale, need_x, need_w, need_b,
-                 per_row_loss):
+class LinearProblem(NamedTuple):
+    """What the chunked sweep needs to know besides the tensors and the loss options.
+
+    The tensors it takes: x (N, D); w (C * P, D) whose rows are ordered (class, position), as
+    ``linear_weight.reshape(C * P, D)`` orders them; b (C * P,) or None; the target as (N * P,)
+    int64 class indices ordered (row, position), or (N, C, P) class probabilities.
+    """
+
+    num_classes: int  # C
+    positions: int  # P = prod(out_features): 1 for a plain classifier
+    soft: bool  # class probabilities instead of class indices
+    chunk_rows: int
+    use_native: bool
+    half_acc_float32: bool  # half inputs: grad_W / grad_b accumulate over the chunks in float32
+
+
+def _class_rows(z, num_classes, positions):
+    """(m, C * P) logits of m rows, (class, position) ordered, as (m * P, C) rows of classes: the same
+    tensor when P = 1, else a (chunk-sized) copy."""
+    if positions == 1:
+        return z
+    m = z.shape[0]
+    return z.reshape(m, num_classes, positions).transpose(1, 2).reshape(m * positions, num_classes).contiguous()
+
+
+def _to_class_position_(out, g, num_classes, positions):
+    """Writes (m * P, C) rows ``g`` into ``out`` viewed as (m, C, P)."""
+    m = out.shape[0]
+    out.view(m, num_classes, positions).copy_(g.view(m, positions, num_classes).transpose(1, 2))
+
+
+def chunked_pass(x, w, b, y, weight, opts: LossOptions, prob: LinearProblem, row_scale, needs, per_row_loss):
     """One sweep over the row chunks (``opts.reduction`` is not used: the caller reduces).
 
-    x (N, D), w (V, D), b (V,) or None, y (N,) int64, row_scale (N,) acc dtype or None (no gradient).
-    Returns (loss, grad_x, grad_w, grad_b): loss is (N,) per-row losses if ``per_row_loss`` else the
-    0-d sum of the row losses (acc dtype); grad_w is a tensor or a ``_HalfWeightGrad``; grad_b is in
-    the acc dtype; grads not asked for are None.
+    row_scale: (N * P,) acc dtype, the factor of each row's gradient, or None (no gradient).
+    needs: (grad_x, grad_w, grad_b, grad_target) wanted.
+    Returns (loss, grad_x, grad_w, grad_b, grad_target): loss is (N * P,) per-row losses if
+    ``per_row_loss`` else the 0-d sum of the row losses (acc dtype); grad_w is a tensor or a
+    ``_HalfWeightGrad``; grad_b is in the accumulation dtype; grads not asked for are None.
     """
+    need_x, need_w, need_b, need_t = needs
     n, d = x.shape
+    c_cls, p = prob.num_classes, prob.positions
     v = w.shape[0]
     dtype, acc = x.dtype, acc_dtype(x.dtype)
-    half = dtype in _HALF
-    compute_grad = row_scale is not None and (need_x or need_w or need_b)
-    grad_x = torch.empty_like(x) if compute_grad and need_x else None
+    half_acc = dtype in _HALF and prob.half_acc_float32
+    grad_z = row_scale is not None and (need_x or need_w or need_b)
+    grad_x = torch.empty_like(x) if grad_z and need_x else None
     grad_w = grad_b = None
-    if compute_grad and need_w:
-        grad_w = _HalfWeightGrad(v, d, dtype, x.device) if half else torch.zeros_like(w)
-    if compute_grad and need_b:
-        grad_b = torch.zeros(v, dtype=acc, device=x.device)
-    losses = torch.empty(n, dtype=acc, device=x.device) if per_row_loss else None
+    if grad_z and need_w:
+        grad_w = _HalfWeightGrad(v, d, dtype, x.device) if half_acc else torch.zeros_like(w)
+    if grad_z and need_b:
+        grad_b = torch.zeros(v, dtype=acc if dtype not in _HALF or half_acc else dtype, device=x.device)
+    grad_t = torch.empty_like(y) if row_scale is not None and need_t else None
+    losses = torch.empty(n * p, dtype=acc, device=x.device) if per_row_loss else None
     total = torch.zeros((), dtype=acc, device=x.device)
+    rows = prob.chunk_rows
     buf = torch.empty(min(rows, n), v, dtype=dtype, device=x.device)
     wt = w.t()
     chunk_opts = opts.replace(reduction="none" if per_row_loss else "sum")
@@ -158,130 +196,271 @@ def chunked_pass(x, w, b, y, weight, opts: LossOptions, use_native, rows, row_sc
             torch.mm(xc, wt, out=z)
         else:
             torch.addmm(b, xc, wt, out=z)
-        loss, _, g = fused_forward(z, y[s:e], weight, chunk_opts, compute_grad, compute_grad, use_native)
+        zr = _class_rows(z, c_cls, p)
+        yr = _class_rows(y[s:e].reshape(e - s, v), c_cls, p) if prob.soft else y[s * p:e * p]
+        rs = None if row_scale is None else row_scale[s * p:e * p]
+        if grad_t is not None:  # before the kernel overwrites the logits with their gradient
+            gt = reference.target_gradient(zr, yr, weight, opts.label_smoothing, opts.softcap, rs).to(dtype)
+            _to_class_position_(grad_t[s:e], gt, c_cls, p)
+        loss, _, g = fused_forward(zr, yr, weight, chunk_opts, grad_z, grad_z, prob.use_native)
         if per_row_loss:
-            losses[s:e] = loss
+            losses[s * p:e * p] = loss
         else:
             total += loss
-        if not compute_grad:
+        if not grad_z:
             continue
-        rs = row_scale[s:e]
-        if grad_x is not None:
-            gx = grad_x[s:e]
-            torch.mm(g, w, out=gx)
-            gx.mul_(rs.unsqueeze(1))
-        if half:
-            if grad_w is not None:
-                grad_w.add(g, (xc.float() * rs.unsqueeze(1)).to(dtype), grad_b, rs)
-            elif grad_b is not None:
-                grad_b.addmv_(g.t().float(), rs)
-        else:
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), xc * rs.unsqueeze(1))
-            if grad_b is not None:
-                grad_b.addmv_(g.t(), rs)
-    return (losses if per_row_loss else total), grad_x, grad_w, grad_b
+        if p > 1:  # each (row, position) has its own scale: apply it here, then back to z's layout
+            g.mul_(rs.unsqueeze(1).to(g.dtype))
+            _to_class_position_(z, g, c_cls, p)
+            g, rs = z, None
+        _accumulate(g, xc, w, rs, grad_x[s:e] if grad_x is not None else None, grad_w, grad_b)
+    return (losses if per_row_loss else total), grad_x, grad_w, grad_b, grad_t
 
 
-def _unit_row_scale(y, weight, opts, n, acc):
-    """(N,) d reduced loss / d row loss for grad_output = 1: the mean's 1/denominator (1 for sum) on
-    counted rows and exactly 0 on ignored ones (even when 1/denominator is inf: every row ignored)."""
-    scale = reference.reduction_scale(y, weight, opts, n, acc)
-    valid = y != opts.ignore_index
-    return torch.where(valid, scale, torch.zeros((), dtype=acc, device=y.device)), scale
+def _accumulate(g, xc, w, rs, gx, grad_w, grad_b):
+    """gx = (g @ W) * rs; grad_W += g^T @ (x_c * rs); grad_b += g^T @ rs, for one chunk. ``rs`` is the
+    (c,) row scale, or None when ``g`` is already scaled; the scale goes on the small (c, D) side."""
+    dtype = xc.dtype
+    if gx is not None:
+        torch.mm(g, w, out=gx)
+        if rs is not None:
+            gx.mul_(rs.unsqueeze(1).to(gx.dtype))
+    if rs is None:
+        xs, rs = xc, torch.ones(g.shape[0], dtype=acc_dtype(dtype), device=g.device)
+    elif grad_w is None:
+        xs = None
+    elif dtype in _HALF:
+        xs = (xc.float() * rs.unsqueeze(1)).to(dtype)
+    else:
+        xs = xc * rs.unsqueeze(1)
+    if isinstance(grad_w, _HalfWeightGrad):
+        grad_w.add(g, xs, grad_b, rs)
+        return
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), xs)
+    if grad_b is not None:
+        gt = g.t() if grad_b.dtype == g.dtype else g.t().to(grad_b.dtype)
+        grad_b.addmv_(gt, rs.to(grad_b.dtype))
+
+
+def _unit_row_scale(y, weight, opts, prob, n, acc):
+    """(N * P,) d reduced loss / d row loss for grad_output = 1, and the reduction's scale: the mean's
+    1/denominator (1 for sum) on counted rows and exactly 0 on ignored ones (even when 1/denominator
+    is inf: every row ignored)."""
+    scale = reference.reduction_scale(y, weight, opts, n * prob.positions, acc)
+    if prob.soft:
+        return scale.expand(n * prob.positions), scale
+    return torch.where(y != opts.ignore_index, scale, torch.zeros((), dtype=acc, device=y.device)), scale
+
+
+def _finish(gw):
+    return gw.finish() if isinstance(gw, _HalfWeightGrad) else gw
+
+
+def _empty_for_none(t, like):
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("torch_xent::linear_cross_entropy_chunked", mutates_args=())
+def _chunked_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor,
+                weight: Optional[torch.Tensor], row_scale: Optional[torch.Tensor], reduction: str, ignore_index: int,
+                label_smoothing: float, z_loss: float, softcap: float, num_classes: int, positions: int, soft: bool,
+                chunk_rows: int, use_native: bool, half_acc_float32: bool, need_x: bool, need_w: bool, need_b: bool,
+                need_t: bool, per_row_loss: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """:func:`chunked_pass` as one opaque op for torch.compile (the chunk loop is not traced, so
+    the graph does not depend on the number of rows); missing gradients come back empty."""
+    opts = LossOptions(reduction, ignore_index, label_smoothing, z_loss, softcap or None)
+    prob = LinearProblem(num_classes, positions, soft, chunk_rows, use_native, half_acc_float32)
+    loss, gx, gw, gb, gt = chunked_pass(x, w, b, y, weight, opts, prob, row_scale, (need_x, need_w, need_b, need_t),
+                                        per_row_loss)
+    gw = _finish(gw)
+    gb = None if gb is None else gb.to(x.dtype)
+    return loss, _empty_for_none(gx, x), _empty_for_none(gw, x), _empty_for_none(gb, x), _empty_for_none(gt, x)
+
+
+@_chunked_op.register_fake
+def _(x, w, b, y, weight, row_scale, reduction, ignore_index, label_smoothing, z_loss, softcap, num_classes,
+      positions, soft, chunk_rows, use_native, half_acc_float32, need_x, need_w, need_b, need_t, per_row_loss):
+    acc = acc_dtype(x.dtype)
+    loss = x.new_empty((x.shape[0] * positions,) if per_row_loss else (), dtype=acc)
+    grads = row_scale is not None
+
+    def maybe(flag, like):
+        return torch.empty_like(like) if grads and flag and like is not None else x.new_empty(0)
+
+    return loss, maybe(need_x, x), maybe(need_w, w), maybe(need_b, b), maybe(need_t and soft, y)
+
+
+def _sweep(x, w, b, y, weight, opts, prob, row_scale, needs, per_row_loss, compiled):
+    """chunked_pass in eager mode; under torch.compile the same through the opaque op (whose
+    gradients are finished tensors, in the input's dtype)."""
+    if not compiled:
+        return chunked_pass(x, w, b, y, weight, opts, prob, row_scale, needs, per_row_loss)
+    out = _chunked_op(x, w, b, y, weight, row_scale, opts.reduction, opts.ignore_index, opts.label_smoothing,
+                      opts.z_loss, opts.softcap_value, prob.num_classes, prob.positions, prob.soft, prob.chunk_rows,
+                      prob.use_native, prob.half_acc_float32, *needs, per_row_loss)
+    loss, *grads = out
+    return (loss, *[g if need and row_scale is not None else None for g, need in zip(grads, needs)])
+
+
+def no_grad_loss(x, w, b, y, weight, opts, prob):
+    """The reduced loss (acc dtype) without any gradient work."""
+    n = x.shape[0]
+    with torch.no_grad():
+        total, *_ = _sweep(x, w, b, y, weight, opts, prob, None, (False,) * 4, opts.reduction == "none",
+                           is_compiling())
+        if opts.reduction == "mean":
+            total = total * reference.reduction_scale(y, weight, opts, n * prob.positions, total.dtype)
+    return total
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """``apply(x (N, D), w (V, D), b (V,) or None, y (N,) int64, weight (V,) or None, opts, chunk_rows,
-    use_native)`` -> loss, (N,) or (), in x's dtype (``opts`` a :class:`torch_xent.LossOptions`). See
-    the module docstring for the algorithm."""
+    """``apply(x (N, D), w (C * P, D), b (C * P,) or None, y, weight (C,) or None, opts, prob,
+    allow_retain_graph)`` -> loss, (N * P,) or (), in x's dtype (``opts`` a
+    :class:`torch_xent.LossOptions`, ``prob`` a :class:`LinearProblem` that says how y is laid
+    out). See the module docstring for the algorithm."""
 
     @staticmethod
-    def forward(ctx, x, w, b, y, weight, opts, chunk_rows, use_native):
+    def forward(ctx, x, w, b, y, weight, opts, prob, allow_retain_graph):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = b is not None and ctx.needs_input_grad[2]
+        need_t = prob.soft and ctx.needs_input_grad[3]
+        needs = (need_x, need_w, need_b, need_t)
+        compiled = is_compiling()
+        ctx.opts, ctx.prob, ctx.needs, ctx.allow_retain = opts, prob, needs, allow_retain_graph
+        ctx.compiled, ctx.buffers, ctx.taken = compiled, None, False
         n = x.shape[0]
-        acc = acc_dtype(x.dtype)
-        ctx.opts, ctx.use_native, ctx.rows, ctx.needs = opts, use_native, chunk_rows, (need_x, need_w, need_b)
-        ctx.buffers = None
-        ctx.save_for_backward(x, w, b, y, weight)
         if opts.reduction == "none":
-            losses, *_ = chunked_pass(x, w, b, y, weight, opts, use_native, chunk_rows, None, False, False, False,
-                                      True)
+            ctx.save_for_backward(x, w, b, y, weight)
+            losses, *_ = _sweep(x, w, b, y, weight, opts, prob, None, (False,) * 4, True, compiled)
             return losses.to(x.dtype)
-        unit, scale = _unit_row_scale(y, weight, opts, n, acc)
-        total, gx, gw, gb = chunked_pass(x, w, b, y, weight, opts, use_native, chunk_rows, unit, need_x, need_w,
-                                         need_b, False)
-        ctx.buffers = (gx, gw, gb)
+        unit, scale = _unit_row_scale(y, weight, opts, prob, n, acc_dtype(x.dtype))
+        total, *buffers = _sweep(x, w, b, y, weight, opts, prob, unit, needs, False, compiled)
+        if compiled:  # dynamo wants every tensor the backward reads in save_for_backward
+            ctx.save_for_backward(x, w, b, y, weight, *buffers)
+        else:
+            ctx.save_for_backward(x, w, b, y, weight)
+            ctx.buffers = buffers
         return (total * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, w, b, y, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs
-        need_x, need_w = need_x and ctx.needs_input_grad[0], need_w and ctx.needs_input_grad[1]
-        need_b = need_b and ctx.needs_input_grad[2]
-        batched = is_batched(grad_output)
+        x, w, b, y, weight, *saved = ctx.saved_tensors
+        needs = tuple(need and ctx.needs_input_grad[i] for i, need in enumerate(ctx.needs))
+        batched = not ctx.compiled and is_batched(grad_output)
         reduction = ctx.opts.reduction
         if torch.is_grad_enabled() or (batched and reduction == "none"):
-            gx, gw, gb = _differentiable_grads(ctx, x, w, b, y, weight, grad_output, need_x, need_w, need_b)
+            grads = _differentiable_grads(ctx, x, w, b, y, weight, grad_output, needs)
         elif reduction == "none":
-            row_scale = torch.where(y != ctx.opts.ignore_index, grad_output.to(acc_dtype(x.dtype)),
-                                    torch.zeros((), dtype=acc_dtype(x.dtype), device=x.device))
+            acc = acc_dtype(x.dtype)
+            go = grad_output.reshape(-1).to(acc)
+            row_scale = go if ctx.prob.soft else torch.where(y != ctx.opts.ignore_index, go,
+                                                             torch.zeros((), dtype=acc, device=x.device))
             with torch.no_grad():
-                _, gx, gw, gb = chunked_pass(x, w, b, y, weight, ctx.opts, ctx.use_native, ctx.rows, row_scale,
-                                             need_x, need_w, need_b, False)
-            gw = gw.finish() if isinstance(gw, _HalfWeightGrad) else gw
-            gb = None if gb is None else gb.to(x.dtype)
+                _, *grads = _sweep(x, w, b, y, weight, ctx.opts, ctx.prob, row_scale, needs, False, ctx.compiled)
+            grads = [_finish(g) for g in grads]
+            grads[2] = None if grads[2] is None else grads[2].to(x.dtype)
         else:
-            gx, gw, gb = _take_scaled_buffers(ctx, x, w, b, y, weight, grad_output, batched)
-        return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
-                None, None, None, None, None)
+            grads = _take_scaled_buffers(ctx, x, w, b, y, weight, saved, grad_output, batched, needs)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+        return (*grads, None, None, None, None)
 
 
-def _take_scaled_buffers(ctx, x, w, b, y, weight, grad_output, batched):
-    """mean / sum: the gradients the forward computed for grad_output = 1, times grad_output. They
-    are handed over (the Function keeps no reference) unless grad_output is batched under vmap."""
+def _take_scaled_buffers(ctx, x, w, b, y, weight, saved, grad_output, batched, needs):
+    """mean / sum: the gradients the forward computed for grad_output = 1, times grad_output. In eager
+    mode they are handed over (the Function keeps no reference) unless grad_output is batched under
+    vmap; a second backward recomputes them (or raises, as PyTorch's chunked path does, when
+    ``options.allow_retain_graph`` is False)."""
+    go = grad_output
+    if ctx.compiled:
+        return [None if t is None else t * go.to(t.dtype) for t in saved]
     buffers = ctx.buffers
     if not batched:
         ctx.buffers = None
     if buffers is None:
-        # A second backward through the same graph: recompute exactly what the forward computed,
-        # so that every backward gives bit-identical gradients.
-        unit, _ = _unit_row_scale(y, weight, ctx.opts, x.shape[0], acc_dtype(x.dtype))
-        need_x, need_w, need_b = ctx.needs
+        if not ctx.allow_retain:
+            raise RuntimeError("linear_cross_entropy: a second backward through the same graph needs "
+                               "options=torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True) (or options=None)")
+        # Recompute exactly what the forward computed, so that every backward gives bit-identical gradients.
+        unit, _ = _unit_row_scale(y, weight, ctx.opts, ctx.prob, x.shape[0], acc_dtype(x.dtype))
         with torch.no_grad():
-            _, *buffers = chunked_pass(x, w, b, y, weight, ctx.opts, ctx.use_native, ctx.rows, unit, need_x, need_w,
-                                       need_b, False)
-    gx, gw, gb = buffers
-    go = grad_output
+            _, *buffers = chunked_pass(x, w, b, y, weight, ctx.opts, ctx.prob, unit, ctx.needs, False)
+    gx, gw, gb, gt = buffers
     if batched:
         gx = None if gx is None else gx * go.to(gx.dtype)
         gw = None if gw is None else (gw.value(go) if isinstance(gw, _HalfWeightGrad) else gw * go.to(gw.dtype))
         gb = None if gb is None else (gb * go).to(x.dtype)
-        return gx, gw, gb
+        gt = None if gt is None else gt * go.to(gt.dtype)
+        return gx, gw, gb, gt
     # On the CPU a grad_output of exactly 1 (loss.backward()) spares a pass over the (V, D) gradient;
     # on the GPU we never read it on the host (that would synchronise).
     one = go.device.type == "cpu" and float(go) == 1.0
-    if gx is not None and not one:
-        gx.mul_(go.to(gx.dtype))
+    for t in (gx, gt):
+        if t is not None and not one:
+            t.mul_(go.to(t.dtype))
     if isinstance(gw, _HalfWeightGrad):
         gw = gw.finish(None if one else go.float())
     elif gw is not None and not one:
         gw.mul_(go.to(gw.dtype))
     if gb is not None:
         gb = (gb if one else gb * go).to(x.dtype)
-    return gx, gw, gb
+    return gx, gw, gb, gt
 
 
-def _differentiable_grads(ctx, x, w, b, y, weight, grad_output, need_x, need_w, need_b):
-    """The gradients as differentiable functions of x, w, b and grad_output (double backward), on the
-    whole (N, V) logits."""
-    logits = F.linear(x, w, b)
-    _, _, g, valid = reference.row_terms(logits, y, weight, ctx.opts)
-    scale = reference.reduction_scale(y, weight, ctx.opts, x.shape[0], g.dtype)
-    gl = reference.scale_rows(g, scale * grad_output.to(g.dtype), valid).to(x.dtype)
+def _differentiable_grads(ctx, x, w, b, y, weight, grad_output, needs):
+    """The gradients as differentiable functions of x, w, b, the soft target and grad_output (double
+    backward), on the whole (N, C * P) logits."""
+    need_x, need_w, need_b, need_t = needs
+    prob, opts = ctx.prob, ctx.opts
+    n, c_cls, p = x.shape[0], prob.num_classes, prob.positions
+    z = _class_rows(F.linear(x, w, b), c_cls, p)
+    yr = _class_rows(y.reshape(n, c_cls * p), c_cls, p) if prob.soft else y
+    _, _, g, valid = reference.row_terms(z, yr, weight, opts)
+    scale = reference.reduction_scale(yr, weight, opts, n * p, g.dtype)
+    row_scale = scale * grad_output.reshape(-1).to(g.dtype) if grad_output.dim() else scale * grad_output.to(g.dtype)
+    gl = reference.scale_rows(g, row_scale, valid).to(x.dtype)
+    if p > 1:
+        gl = gl.reshape(n, p, c_cls).transpose(1, 2).reshape(n, c_cls * p)
     gx = gl @ w if need_x else None
     gw = gl.t() @ x if need_w else None
     gb = gl.sum(0) if need_b else None
-    return gx, gw, gb
+    gt = None
+    if need_t:
+        gt = reference.target_gradient(z, yr, weight, opts.label_smoothing, opts.softcap, row_scale)
+        gt = gt.reshape(n, p, c_cls).transpose(1, 2).reshape(y.shape).to(y.dtype)
+    return gx, gw, gb, gt
+
+
+def chunk_rows_for(options, chunk_size, num_rows, in_features, num_classes, dtype) -> int:
+    """Rows per chunk: torch_xent's ``chunk_size`` if given, else ``options.batch_chunk_size``, else
+    ``options.chunking_method`` "aspect_ratio[:k]" as PyTorch computes it (the (chunk, V) logits
+    about as large as the (N, D) input, divided by k), else :func:`default_chunk_rows`."""
+    rows = chunk_size
+    if rows is None and options is not None:
+        rows = options.batch_chunk_size
+        method = options.chunking_method
+        if method not in (None, "auto"):
+            _, _, factor = method.partition(":")
+            ratio = -(-num_classes // max(1, in_features))
+            target = max(1, -(-num_rows // ratio))
+            by_method = min(max(1, (1 << (target - 1).bit_length()) // int(factor or 1)), max(1, num_rows))
+            if rows is not None and rows != by_method:
+                raise ValueError(f"batch_chunk_size (={rows}) and chunking_method ('{method}') give different "
+                                 f"chunk sizes ({rows} vs {by_method}); pass only one.")
+            rows = by_method
+    if rows is None:
+        rows = default_chunk_rows(num_rows, num_classes, dtype)
+    return max(1, min(rows, max(1, num_rows)))
+
+
+def half_accumulates_in_float32(options, dtype) -> bool:
+    """Half inputs accumulate grad_W and grad_b over the chunks in float32 unless ``options.acc_dtype``
+    is the input's own dtype (PyTorch's lower-memory choice)."""
+    acc = None if options is None else options.acc_dtype
+    return not (dtype in _HALF and acc == dtype)
+
+
+# The public function lives in functional.py with cross_entropy; this name keeps `from torch_xent.linear
+# import linear_cross_entropy` working.
+from torch_xent.functional import linear_cross_entropy  # noqa: E402,F401

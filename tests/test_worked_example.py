@@ -1,5 +1,6 @@
-"""The worked example the project started from (docs/gradient.md): iris, x = [1.9, 0.4] (petal length and
-width of a Setosa), W = [[0.1, 0.1], [0.5, 0.5]] (rows are classes: Setosa, non-Setosa), b = 0."""
+"""The worked example the project started from (docs/gradient.md; its inputs and published figures ship in
+torch_xent/data/worked_example.json): iris, x = petal length and width of a Setosa, W with rows for the
+classes Setosa and non-Setosa, b = 0. The numbers are worked out by hand here, with Python floats only."""
 
 import math
 
@@ -9,13 +10,11 @@ import torch.nn.functional as F
 
 import torch_xent
 from conftest import DEVICE_IMPLS, DEVICE_IMPL_IDS
+from helpers import worked_example
 
-X = [1.9, 0.4]
-W = [[0.1, 0.1], [0.5, 0.5]]
-SETOSA = 0
-# The seed's published figures (seed 000): z = [0.23, 1.15], a = [0.284958, 0.715042].
-SEED_Z = [0.23, 1.15]
-SEED_A = [0.284958, 0.715042]
+EXAMPLE = worked_example()
+X, W, SETOSA = EXAMPLE["x"], EXAMPLE["W"], EXAMPLE["target"]
+PUBLISHED_Z, PUBLISHED_A = EXAMPLE["published"]["z"], EXAMPLE["published"]["softmax"]
 
 
 def by_hand():
@@ -28,14 +27,14 @@ def by_hand():
     return z, p, grad_w
 
 
-def test_hand_computation_reproduces_the_seed():
+def test_hand_computation_reproduces_the_published_figures():
     z, p, _ = by_hand()
-    assert z == pytest.approx(SEED_Z, abs=1e-12)
-    assert p == pytest.approx(SEED_A, abs=5e-7)
+    assert z == pytest.approx(PUBLISHED_Z, abs=1e-12)
+    assert p == pytest.approx(PUBLISHED_A, abs=5e-7)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS, ids=DEVICE_IMPL_IDS)
-def test_torch_xent_gives_the_seed_gradient(device, impl):
+def test_torch_xent_gives_the_worked_example_gradient(device, impl):
     z_ref, p_ref, grad_ref = by_hand()
     w = torch.tensor(W, dtype=torch.float64, device=device, requires_grad=True)
     x = torch.tensor(X, dtype=torch.float64, device=device)
@@ -43,7 +42,7 @@ def test_torch_xent_gives_the_seed_gradient(device, impl):
     loss = torch_xent.cross_entropy(z, torch.tensor(SETOSA, device=device), impl=impl)
     loss.backward()
     assert loss.item() == pytest.approx(-math.log(p_ref[SETOSA]), abs=1e-12)
-    assert loss.item() == pytest.approx(-math.log(SEED_A[0]), abs=1e-6)
+    assert loss.item() == pytest.approx(-math.log(PUBLISHED_A[0]), abs=1e-6)
     assert w.grad.cpu().tolist() == [pytest.approx(row, abs=1e-12) for row in grad_ref]
     # The same through PyTorch's autograd of F.cross_entropy.
     w2 = w.detach().clone().requires_grad_(True)
@@ -51,14 +50,14 @@ def test_torch_xent_gives_the_seed_gradient(device, impl):
     torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=1e-12)
 
 
-def test_seed_accepted_answer_is_wrong_for_the_other_class():
-    """Seed 000's answer dH/dW_ij = -P_j (1 - a_j) x_i drops the cross terms of the softmax Jacobian."""
+def test_accepted_answer_is_wrong_for_the_other_class():
+    """The example's accepted answer dH/dW_ij = -P_j (1 - a_j) x_i drops the cross terms of the softmax Jacobian."""
     _, p, grad = by_hand()
     y = [1.0, 0.0]
-    seed_answer = [[-y[j] * (1 - p[j]) * x_i for x_i in X] for j in range(2)]
+    accepted = [[-y[j] * (1 - p[j]) * x_i for x_i in X] for j in range(2)]
     # Right for the true class ...
-    assert seed_answer[SETOSA] == pytest.approx(grad[SETOSA], abs=1e-12)
+    assert accepted[SETOSA] == pytest.approx(grad[SETOSA], abs=1e-12)
     # ... but it says 0 for the other class, where the truth is a_2 x = [1.358580, 0.286017].
-    assert seed_answer[1] == [0.0, 0.0] or seed_answer[1] == [-0.0, -0.0]
-    assert grad[1] == pytest.approx([SEED_A[1] * 1.9, SEED_A[1] * 0.4], abs=1e-6)
+    assert accepted[1] == [0.0, 0.0] or accepted[1] == [-0.0, -0.0]
+    assert grad[1] == pytest.approx([PUBLISHED_A[1] * 1.9, PUBLISHED_A[1] * 0.4], abs=1e-6)
     assert grad[1][0] == pytest.approx(1.358580, abs=1e-6)
