@@ -94,18 +94,11 @@ def select_kernel(impl: str, device_type: str, built: bool, validated: bool, mis
     return "aten", f"no compiled kernel for {device_type}" + (f" ({missing})" if missing else "")
 
 
-_SELECTED: dict = {}
-
-
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation (see :func:`select_kernel`) that runs for ``device`` under the ``impl`` argument."""
-    key = (impl, device.type)
-    kernel = _SELECTED.get(key)
-    if kernel is None:
-        kernel, _ = select_kernel(impl, device.type, native_available(device), kernel_validated(device.type),
-                                  load_error() or "")
-        _SELECTED[key] = kernel
-    return kernel
+    """The implementation (see :func:`select_kernel`) that runs for ``device`` under the ``impl`` argument.
+    Nothing is cached: a dict filled on the first call would change under a torch.compile trace."""
+    return select_kernel(impl, device.type, native_available(device), kernel_validated(device.type),
+                         load_error() or "")[0]
 
 
 def cuda_version() -> int:

@@ -126,14 +126,15 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     grad = None
     if compute_grad and not compiling:  # under torch.compile the one chunk's result is the gradient
         grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    rows = max(1, num_rows) if compiling else chunk_rows(num_rows, num_classes, device, acc)
+    rows = num_rows if compiling else chunk_rows(num_rows, num_classes, device, acc)
     # Where the log-probabilities (then the gradient) of a chunk are computed: straight in the
     # gradient buffer when it has the accumulation dtype and is not the logits themselves.
     direct = compute_grad and not inplace and dtype == acc and not compiling
     temps = _Temps(rows, num_classes, acc, device, compiling)
     losses, lses = [], []
-    for start in range(0, num_rows, rows):
-        end = min(start + rows, num_rows)
+    # Under torch.compile one chunk, without a loop over symbolic sizes (dynamic=True keeps one graph).
+    bounds = [(0, num_rows)] if compiling else [(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
+    for start, end in bounds:
         sl = slice(start, end)
         loss_c, lse_c, grad_c = _chunk(
             logits[sl], compute_grad, None if grad is None else grad[sl], direct, temps, opts, soft,
@@ -142,9 +143,9 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
             None if not zero_ignored else valid[sl], None if bad is None else bad[sl], eps, z_loss, acc)
         losses.append(loss_c)
         lses.append(lse_c)
-        if compute_grad and grad is None:
+        if compute_grad and grad is None and grad_c is not None:
             grad = grad_c.to(dtype)
-    if num_rows == 0:
+    if not losses:
         loss_rows = torch.zeros(0, dtype=acc, device=device)
         lse = torch.zeros(0, dtype=acc, device=device)
     elif len(losses) == 1:
