@@ -157,6 +157,7 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
         lse = torch.where(valid, lse, zero)
     if bad is not None:
         loss_rows = torch.where(bad, float("nan"), loss_rows)
+        lse = torch.where(bad, float("nan"), lse)
     if opts.reduction == "none":
         loss = loss_rows
     elif opts.reduction == "sum":
