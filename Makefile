@@ -38,7 +38,7 @@ test-fast: setup
 # virtual environment, and the correctness tests that apply to it, run from tests/ so that they import
 # the installed copy (not this checkout, which may hold a built extension).
 PURE_VENV ?= .venv-pure
-PURE_TESTS ?= test_cross_entropy.py test_aten.py test_seed_example.py test_linear.py
+PURE_TESTS ?= test_cross_entropy.py test_aten.py test_worked_example.py test_linear.py test_torch_inputs.py test_compile.py
 test-pure:
 	$(PYTHON) -m venv $(PURE_VENV)
 	$(PURE_VENV)/bin/python -m pip install --upgrade "pip>=23.1"
