@@ -5,6 +5,7 @@ native kernel (with and without inplace_backward).
     python benchmarks/bench_xent.py                  # CPU, full shape set -> benchmarks/results/cpu.md
     python benchmarks/bench_xent.py --quick          # fewer shapes and repetitions
     python benchmarks/bench_xent.py --shapes 8192x32000:float32,256x10:float32 --reps 7
+    python benchmarks/bench_xent.py --shapes 8x19x512x1024:float32:seg      # K-dim (N, C, H, W) input
     python benchmarks/bench_xent.py --device cuda    # -> benchmarks/results/cuda-<gpu>.md
 
 Every contender runs the same problem in the same process, repetitions interleaved (contender A,
@@ -49,7 +50,13 @@ CPU_QUICK = ["150x3:float32", "256x10:float32", "4096x1000:float32", "2048x32000
 CUDA_SHAPES = ([f"16384x{v}:{d}" for d in ("float32", "bfloat16") for v in (4096, 8192, 16384, 32768, 65536, 131072)]
                + ["8192x262144:bfloat16", "16384x32768:float32:ignore", "16384x32768:float32:smooth"])
 CUDA_QUICK = ["16384x4096:float32", "16384x32768:bfloat16", "16384x32768:float32:smooth"]
-VARIANTS = {"": {}, "ignore": {"ignore_index": 0}, "smooth": {"label_smoothing": 0.1}}
+# K-dimensional (N, C, d1, ..., dK) problems: a segmentation model's loss, ignore_index=255 (a tenth of
+# the positions), with and without class weights.
+CPU_KDIM = [f"{shape}:{d}:{v}" for shape in ("8x19x512x1024", "4x150x256x256") for d in ("float32", "bfloat16")
+            for v in ("seg", "seg+weight")]
+VARIANTS = {"": {}, "ignore": {"ignore_index": 0}, "smooth": {"label_smoothing": 0.1},
+            "seg": {"ignore_index": 255}, "seg+weight": {"ignore_index": 255}}
+WEIGHTED = {"seg+weight"}
 CONTENDERS = ["eager", "compile", "reference", "aten", "aten-inplace", "native", "native-inplace"]
 MODES = ["fwd+bwd", "fwd"]
 # Peak memory is measured for problems at least this large; below, a few pages of noise.
@@ -60,32 +67,42 @@ MEMORY_MIN_ELEMENTS = 1 << 20
 # Problems and contenders.
 
 def parse_case(text):
+    """'MxC:dtype[:variant]', or 'NxCxd1x...:dtype[:variant]' for K-dim input -> (shape, dtype, variant)."""
     shape, dtype, *rest = text.split(":")
-    m, c = (int(v) for v in shape.lower().split("x"))
+    dims = tuple(int(v) for v in shape.lower().split("x"))
     variant = rest[0] if rest else ""
-    if variant not in VARIANTS:
-        raise SystemExit(f"unknown variant {variant!r} in {text!r}; one of {sorted(VARIANTS)}")
-    return m, c, getattr(torch, dtype), variant
+    if variant not in VARIANTS or len(dims) < 2:
+        raise SystemExit(f"bad case {text!r}: a shape of 2 or more sizes, a variant of {sorted(VARIANTS)}")
+    return dims, getattr(torch, dtype), variant
 
 
-def case_name(m, c, dtype, variant):
-    return f"{m}x{c}:{str(dtype).replace('torch.', '')}" + (f":{variant}" if variant else "")
+def case_name(dims, dtype, variant):
+    return "x".join(map(str, dims)) + f":{str(dtype).replace('torch.', '')}" + (f":{variant}" if variant else "")
 
 
-def make_inputs(m, c, dtype, variant, device):
+def make_inputs(dims, dtype, variant, device):
+    """Logits of shape dims (classes in dim 1), class targets, and the class weights (or None)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    logits = torch.empty(m, c, dtype=dtype, device=device)
-    for r in range(0, m, 1024):  # in slices: no float32 copy of a large bfloat16 problem
-        logits[r:r + 1024].normal_(generator=gen)
-    target = torch.randint(0, c, (m,), device=device, generator=gen)
+    c = dims[1]
+    logits = torch.empty(dims, dtype=dtype, device=device)
+    flat = logits.view(-1)
+    for r in range(0, flat.numel(), 1 << 22):  # in slices: no float32 copy of a large bfloat16 problem
+        flat[r:r + (1 << 22)].normal_(generator=gen)
+    tshape = (dims[0], *dims[2:])
+    target = torch.randint(0, c, tshape, device=device, generator=gen)
     if variant == "ignore":  # a quarter of the rows are padding
-        target[torch.rand(m, device=device, generator=gen) < 0.25] = 0
-    return logits, target
+        target[torch.rand(tshape, device=device, generator=gen) < 0.25] = 0
+    if variant.startswith("seg"):  # unlabelled pixels
+        target[torch.rand(tshape, device=device, generator=gen) < 0.1] = 255
+    weight = None
+    if variant in WEIGHTED:
+        weight = (torch.rand(c, device=device, generator=gen) + 0.5).to(dtype)
+    return logits, target, weight
 
 
-def make_contender(name, variant, compile_cache):
+def make_contender(name, variant, compile_cache, weight=None):
     """f(logits, target) -> loss for one contender; compile_cache keeps one compiled function."""
-    kw = dict(VARIANTS[variant])
+    kw = dict(VARIANTS[variant], weight=weight)
     if name == "eager":
         return lambda x, y: F.cross_entropy(x, y, **kw)
     if name == "compile":
@@ -153,11 +170,11 @@ def calls_per_rep(logits):
     return max(1, min(200, int(2e6 // max(1, logits.numel()))))
 
 
-def time_case(m, c, dtype, variant, device, reps, names):
-    logits, target = make_inputs(m, c, dtype, variant, device)
+def time_case(dims, dtype, variant, device, reps, names):
+    logits, target, weight = make_inputs(dims, dtype, variant, device)
     clock = Clock(device)
     torch._dynamo.reset()  # a fresh compile per problem
-    fns = {n: make_contender(n, variant, {}) for n in names}
+    fns = {n: make_contender(n, variant, {}, weight) for n in names}
     k = calls_per_rep(logits)
     times = {(n, mode): [] for n in names for mode in MODES}
     # The floor's copy, timed in the same rounds: the logits into a buffer of their size, already touched.
@@ -202,9 +219,9 @@ def _read_status(field):
 
 def memory_probe(case, name, mode, device):
     """Runs in the subprocess: prints the extra peak bytes of one call."""
-    m, c, dtype, variant = parse_case(case)
-    logits, target = make_inputs(m, c, dtype, variant, device)
-    fn = make_contender(name, variant, {})
+    dims, dtype, variant = parse_case(case)
+    logits, target, weight = make_inputs(dims, dtype, variant, device)
+    fn = make_contender(name, variant, {}, weight)
     for warm in (True, False):  # warm up (compile) first; measure the second call
         fresh = logits.clone() if mode == "fwd+bwd" else None
         call = one_call(fn, mode, logits, target, fresh)
@@ -261,10 +278,10 @@ def build_table(results):
     lines = ["| problem | mode | contender | median ms | vs eager | vs compile | GB/s | x floor | extra peak MB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for case, (rows, copy_bw) in results.items():
-        m, c, dtype, _ = parse_case(case)
+        dims, dtype, _ = parse_case(case)
         elt = torch.empty((), dtype=dtype).element_size()
         for mode in MODES:
-            floor_bytes = m * c * elt * (2 if mode == "fwd+bwd" else 1)
+            floor_bytes = math.prod(dims) * elt * (2 if mode == "fwd+bwd" else 1)
             eager = rows.get(("eager", mode), {}).get("time")
             comp = rows.get(("compile", mode), {}).get("time")
             for (name, md), r in rows.items():
@@ -285,10 +302,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--shapes", help="comma-separated MxC:dtype[:ignore|smooth] problems")
+    parser.add_argument("--shapes", help="comma-separated MxC:dtype[:variant] problems (NxCxd1x...: K-dim "
+                        f"input); variants {', '.join(v for v in VARIANTS if v)}")
+    parser.add_argument("--kdim", action="store_true", help="the K-dimensional (segmentation) problems only")
     parser.add_argument("--reps", type=int, help="timed repetitions per contender (default 7, quick 3)")
     parser.add_argument("--contenders", help=f"comma-separated subset of {','.join(CONTENDERS)}")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-contenders", help="measure the peak memory of these contenders only")
     parser.add_argument("--out", help="the markdown file to write (default benchmarks/results/<device>.md)")
     parser.add_argument("--memory-probe", nargs=3, metavar=("CASE", "CONTENDER", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -301,6 +321,8 @@ def main():
     reps = args.reps or (3 if args.quick else 7)
     if args.shapes:
         cases = args.shapes.split(",")
+    elif args.kdim:
+        cases = CPU_KDIM
     elif args.device == "cuda":
         cases = CUDA_QUICK if args.quick else CUDA_SHAPES
     else:
@@ -314,15 +336,16 @@ def main():
     results = {}
     copy_lines = []
     for case in cases:
-        m, c, dtype, variant = parse_case(case)
-        name = case_name(m, c, dtype, variant)
+        dims, dtype, variant = parse_case(case)
+        name = case_name(dims, dtype, variant)
         t0 = time.perf_counter()
-        medians, case_bw = time_case(m, c, dtype, variant, args.device, reps, names)
+        medians, case_bw = time_case(dims, dtype, variant, args.device, reps, names)
         rows = {key: {"time": t} for key, t in medians.items()}
         copy_lines.append(f"{name} {case_bw / 1e9:.1f}")
-        if not args.no_memory and m * c >= MEMORY_MIN_ELEMENTS:
+        if not args.no_memory and math.prod(dims) >= MEMORY_MIN_ELEMENTS:
             for key in rows:
-                rows[key]["peak"] = measure_memory(name, key[0], key[1], args.device)
+                if args.memory_contenders is None or key[0] in args.memory_contenders.split(","):
+                    rows[key]["peak"] = measure_memory(name, key[0], key[1], args.device)
         results[name] = (rows, case_bw)
         summary = ", ".join(f"{n} {medians[(n, 'fwd+bwd')] * 1e3:.2f}" for n in names)
         print(f"{name}: fwd+bwd ms {summary} ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -17,11 +17,13 @@ int64_t cuda_version() {
 }
 
 // Device-agnostic: one multiply (broadcast per row for `none`).
+// grad is (M, C) with grad_output () or (M,), or (N, C, S) with grad_output () or (N, S).
 at::Tensor cross_entropy_backward(const at::Tensor& grad, const at::Tensor& grad_output) {
-  TORCH_CHECK(grad_output.dim() == 0 || (grad_output.dim() == 1 && grad.dim() == 2 &&
-              grad_output.size(0) == grad.size(0)),
+  const bool per_row = grad_output.dim() > 0;
+  TORCH_CHECK(!per_row || (grad.dim() == grad_output.dim() + 1 && grad.size(0) == grad_output.size(0) &&
+                           (grad.dim() == 2 || grad.size(2) == grad_output.size(1))),
               "cross_entropy_backward: grad_output must be 0-d or hold one value per row");
-  if (grad_output.dim() == 1) return grad * grad_output.unsqueeze(1).to(grad.scalar_type());
+  if (per_row) return grad * grad_output.unsqueeze(1).to(grad.scalar_type());
   return grad * grad_output.to(grad.scalar_type());
 }
 
@@ -42,6 +44,9 @@ TORCH_LIBRARY(torch_xent, m) {
   // Returns (loss, lse, grad): loss (M,) for none and () otherwise, in float32 (float64 for double
   // logits); lse (M,) in the same accumulation dtype (0 for ignored rows); grad (M, C) in the
   // logits' dtype = d loss / d logits (per row for `none`), or an empty tensor when !compute_grad.
+  // Logits may also be 3-D (N, C, S), K-dimensional input in its own layout (CPU kernel only):
+  // then the class targets and the per-row loss and lse are (N, S), M = N * S, and the probability
+  // targets and the gradient are (N, C, S) like the logits.
   m.def(
       "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, bool compute_grad) "
@@ -50,7 +55,7 @@ TORCH_LIBRARY(torch_xent, m) {
   m.def(
       "cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)");
-  // Scales a stored gradient by grad_output (a 0-d tensor, or (M,) per row for `none`).
+  // Scales a stored gradient by grad_output (a 0-d tensor, or (M,) / (N, S) per row for `none`).
   m.def("cross_entropy_backward(Tensor grad, Tensor grad_output) -> Tensor");
   // Which accelerator kernels were compiled in: -1 for none, else the CUDA major.minor as 100*major+minor.
   m.def("cuda_version() -> int", &torch_xent::cuda_version);

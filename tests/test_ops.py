@@ -204,6 +204,9 @@ def test_argument_errors(device):
         (lambda: f(z, y, None, 3, -100, 0.0, 0.0, 0.0, True), "reduction"),
         (lambda: f(z, y, None, 1, -100, 1.5, 0.0, 0.0, True), "label_smoothing"),
         (lambda: f(z, y, None, 1, -100, 0.0, 0.0, -1.0, True), "softcap"),
+        (lambda: f(z, y, None, 1, -100, 0.0, 0.0, float("inf"), True), "softcap must be finite"),
+        (lambda: f(z[:, :0], y, None, 1, -100, 0.0, 0.0, 0.0, True), "0 classes"),
+        (lambda: f(z[:0, :0], y[:0], None, 1, -100, 0.0, 0.0, 0.0, True), "0 classes"),
         (lambda: f(z.long(), y, None, 1, -100, 0.0, 0.0, 0.0, True), "float"),
         (lambda: ops.cross_entropy_forward_inplace(z[:, :4].t(), y, None, 1, -100, 0.0, 0.0, 0.0), "contiguous"),
     ]

@@ -119,13 +119,17 @@ def cpu_parallel_threads(tasks=None) -> int:
 if _C is not None:
     _lib_ops = torch.ops.torch_xent
 
+    def _row_shape(logits):
+        # (M, C) logits have (M,) rows; (N, C, S) logits (K-dim input in its own layout) (N, S).
+        return (logits.shape[0],) if logits.dim() == 2 else (logits.shape[0], logits.shape[2])
+
     @torch.library.register_fake("torch_xent::cross_entropy_forward")
     def _forward_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
                       compute_grad):
         acc = acc_dtype(logits.dtype)
-        m = logits.shape[0]
-        loss = logits.new_empty((m,) if reduction == 0 else (), dtype=acc)
-        lse = logits.new_empty((m,), dtype=acc)
+        rows = _row_shape(logits)
+        loss = logits.new_empty(rows if reduction == 0 else (), dtype=acc)
+        lse = logits.new_empty(rows, dtype=acc)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad \
             else logits.new_empty((0,))
         return loss, lse, grad
@@ -134,9 +138,9 @@ if _C is not None:
     def _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss,
                               softcap):
         acc = acc_dtype(logits.dtype)
-        m = logits.shape[0]
-        loss = logits.new_empty((m,) if reduction == 0 else (), dtype=acc)
-        lse = logits.new_empty((m,), dtype=acc)
+        rows = _row_shape(logits)
+        loss = logits.new_empty(rows if reduction == 0 else (), dtype=acc)
+        lse = logits.new_empty(rows, dtype=acc)
         return loss, lse
 
     @torch.library.register_fake("torch_xent::cross_entropy_backward")
@@ -170,7 +174,7 @@ if _C is not None:
         d_go = None
         if ctx.needs_input_grad[1]:
             prod = (gg * grad).to(grad_output.dtype)
-            d_go = prod.sum(dim=1) if grad_output.dim() == 1 else prod.sum()
+            d_go = prod.sum(dim=1) if grad_output.dim() > 0 else prod.sum()
         return d_grad, d_go
 
     torch.library.register_autograd("torch_xent::cross_entropy_backward", _backward_backward,

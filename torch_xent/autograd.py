@@ -15,8 +15,9 @@ from torch_xent._checks import is_compiling
 
 
 def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, kernel):
-    """Runs one implementation on a 2-D contiguous (M, C) problem: ``kernel`` is "native" (the
-    compiled op), "aten" (the fast pure-PyTorch path) or "reference" (the readable one), as
+    """Runs one implementation on a 2-D contiguous (M, C) problem (or, native CPU kernel only, a 3-D
+    contiguous (N, C, S) one: K-dim input in its own layout, rows (N, S)): ``kernel`` is "native"
+    (the compiled op), "aten" (the fast pure-PyTorch path) or "reference" (the readable one), as
     ``torch_xent._native.resolve_impl`` chose it.
 
     Returns (loss in the accumulation dtype, lse (M,), grad (M, C) or None). With ``inplace`` the
@@ -59,8 +60,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
 
     ``apply(logits, target, weight, opts, inplace_backward, kernel)`` -> (loss, lse)
 
-    - logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64.
-    - target: (M,) int64 class indices, or (M, C) class probabilities in the logits' dtype.
+    - logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64; or, for the native CPU
+      kernel, (N, C, S) contiguous (K-dim input with its positions flattened, M = N * S rows whose
+      loss and lse are (N, S), and whose gradient comes back in that layout).
+    - target: (M,) int64 class indices, or (M, C) class probabilities in the logits' dtype
+      ((N, S) and (N, C, S) for 3-D logits).
     - weight: (C,) in the logits' dtype, or None.
     - opts: a :class:`torch_xent.LossOptions` (``torch_xent.loss_options(...)`` checks and builds one);
       the loss is (M,) for reduction "none", else 0-d, in the logits' dtype.
@@ -85,7 +89,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         ctx.kernel = kernel
         ctx.inplace = inplace
         ctx.logits_dtype = logits.dtype
-        ctx.num_rows = logits.shape[0]
+        ctx.num_rows = logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[2]
         if inplace:
             # The logits now hold the gradient: any other op that saved them must notice.
             torch.autograd.graph.increment_version(logits)
@@ -117,9 +121,12 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                                    "which inplace_backward=True overwrote; use inplace_backward=False")
             scale = reference.reduction_scale(target, weight, ctx.opts, ctx.num_rows,
                                               reference.acc_dtype(ctx.logits_dtype))
-            grad_target = reference.target_gradient(logits, target, weight, ctx.opts.label_smoothing,
+            rows, target_rows = _as_rows(logits, target)
+            grad_target = reference.target_gradient(rows, target_rows, weight, ctx.opts.label_smoothing,
                                                     ctx.opts.softcap,
-                                                    grad_output.to(scale.dtype) * scale).to(target.dtype)
+                                                    (grad_output.to(scale.dtype) * scale).reshape(-1)
+                                                    if grad_output.dim() else grad_output.to(scale.dtype) * scale)
+            grad_target = _from_rows(grad_target, logits).to(target.dtype)
         return grad_logits, grad_target, None, None, None, None
 
 
@@ -136,8 +143,26 @@ def is_batched(t) -> bool:
     return False
 
 
+def _as_rows(logits, target):
+    """An (N, C, S) problem as the (M, C) rows that the reference's formulas take (a copy: only the
+    double backward and a soft target's gradient need it); a 2-D problem as it is."""
+    if logits.dim() == 2:
+        return logits, target
+    c = logits.shape[1]
+    rows = logits.transpose(1, 2).reshape(-1, c)
+    return rows, (target.transpose(1, 2).reshape(-1, c) if target.dtype.is_floating_point else target.reshape(-1))
+
+
+def _from_rows(grad, like):
+    """(M, C) rows back in the layout of ``like`` ((N, C, S) or (M, C))."""
+    if like.dim() == 2:
+        return grad
+    n, c, s = like.shape
+    return grad.reshape(n, s, c).transpose(1, 2)
+
+
 def _scaled(grad, grad_output):
-    if grad_output.dim() == 1:
+    if grad_output.dim() > 0:  # one value per row: (M,), or (N, S) for an (N, C, S) gradient
         return grad * grad_output.unsqueeze(1).to(grad.dtype)
     return grad * grad_output.to(grad.dtype)
 
@@ -146,10 +171,11 @@ def _differentiable_grad(ctx, logits, target, weight, grad_output):
     if logits is None:
         raise RuntimeError("torch_xent: double backward (create_graph=True) is not supported with "
                            "inplace_backward=True, which overwrote the logits; use inplace_backward=False")
-    _, _, grad, valid = reference.row_terms(logits, target, weight, ctx.opts)
-    scale = reference.reduction_scale(target, weight, ctx.opts, ctx.num_rows, grad.dtype)
-    go = grad_output.to(grad.dtype)
-    return reference.scale_rows(grad, scale * go, valid).to(ctx.logits_dtype)
+    rows, target_rows = _as_rows(logits, target)
+    _, _, grad, valid = reference.row_terms(rows, target_rows, weight, ctx.opts)
+    scale = reference.reduction_scale(target_rows, weight, ctx.opts, ctx.num_rows, grad.dtype)
+    go = grad_output.to(grad.dtype).reshape(-1) if grad_output.dim() else grad_output.to(grad.dtype)
+    return _from_rows(reference.scale_rows(grad, scale * go, valid), logits).to(ctx.logits_dtype)
 
 
 def _take_buffer(ctx, logits, target, weight, grad_output):
@@ -169,7 +195,7 @@ def _take_buffer(ctx, logits, target, weight, grad_output):
             _, _, grad = fused_forward(logits, target, weight, ctx.opts, True, False, ctx.kernel)
     if batched:
         return _scaled(grad, grad_output)
-    if grad_output.dim() == 1:
+    if grad_output.dim() > 0:
         grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
     elif grad_output.device.type != "cpu" or float(grad_output) != 1.0:
         # On the GPU we never read grad_output on the host (that would synchronise).

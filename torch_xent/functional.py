@@ -18,9 +18,17 @@ from torch_xent._options import LossOptions, loss_options
 from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward
 
 
-def _flatten_problem(input, target, soft):
+# The CPU kernel's K-dim layout compares class indices in float32 lanes: exact below 2**24.
+_POSITIONS_MAX_CLASSES = 1 << 24
+
+
+def _flatten_problem(input, target, soft, positions_layout=False):
     """The 2-D problem: (logits (M, C), target (M,) int64 or (M, C) probabilities, out_shape), where
-    out_shape is the shape of the unreduced loss."""
+    out_shape is the shape of the unreduced loss.
+
+    K-dim (N, C, d1, ..., dK) input is copied to (M, C) rows only when it has to be: channels-last
+    memory already is rows (a view), and with ``positions_layout`` (the CPU kernel) contiguous input
+    becomes an (N, C, S) view that the kernel reads as it is. Other layouts are copied."""
     num_classes = input.shape[0 if input.dim() == 1 else 1]
     if input.dim() == 1:
         out_shape = ()
@@ -31,8 +39,15 @@ def _flatten_problem(input, target, soft):
         logits, tgt = input, target
     else:
         out_shape = (input.shape[0], *input.shape[2:])
-        logits = input.movedim(1, -1).reshape(-1, num_classes)
-        tgt = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
+        rows_view = input.movedim(1, -1)
+        if (positions_layout and not rows_view.is_contiguous() and input.is_contiguous()
+                and num_classes < _POSITIONS_MAX_CLASSES):
+            n = input.shape[0]
+            logits = input.view(n, num_classes, -1)
+            tgt = target.reshape(n, num_classes, -1) if soft else target.reshape(n, -1)
+        else:
+            logits = rows_view.reshape(-1, num_classes)
+            tgt = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
     if soft:
         tgt = tgt.to(input.dtype)
     elif tgt.dtype != torch.int64:
@@ -58,8 +73,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         softcap: if set, the logits are first replaced by ``softcap * tanh(logits / softcap)``.
         inplace_backward: write the gradient into the logits' storage instead of a new buffer
             (the logits are overwritten; autograd raises if another op saved them).
-        impl: ``"auto"`` (compiled kernel when built for the input's device, else the reference),
-            ``"native"`` (compiled kernel, an error if missing) or ``"reference"`` (pure PyTorch).
+        impl: ``"auto"`` (the compiled kernel when built and validated for the input's device, else
+            ``"aten"``), ``"native"`` (compiled kernel, an error if missing), ``"aten"`` (the fast
+            pure-PyTorch path) or ``"reference"`` (the readable pure-PyTorch statement, slow).
 
     Returns the loss in the input's dtype: a scalar for ``mean``/``sum``, the target's shape for ``none``.
     """
@@ -83,7 +99,7 @@ def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, i
     _checks.check_logits(input)
     kernel = resolve_impl(impl, input.device)
     soft = _checks.check_targets(input, target, opts.ignore_index)
-    logits, tgt, out_shape = _flatten_problem(input, target, soft)
+    logits, tgt, out_shape = _flatten_problem(input, target, soft, kernel == "native" and input.device.type == "cpu")
     weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
     if needs_grad:

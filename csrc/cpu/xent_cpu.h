@@ -24,8 +24,13 @@ namespace cpu {
 
 enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
 
+// Positions per tile of the K-dimensional layout (RowsArgs::positions > 0), for every instruction set.
+constexpr int64_t kPositionTile = 64;
+
 // One problem of M rows of C classes; every pointer is contiguous. acc_t below is float, or
-// double for double logits.
+// double for double logits. With positions = S > 0 the problem is K-dimensional input in its own
+// layout: logits (N, C, S) (and probability targets and gradient alike), class targets and the
+// per-row outputs (N, S), M = N * S rows.
 struct RowsArgs {
   DType dtype = DType::kFloat;
   const void* logits = nullptr;       // (M, C) logits dtype
@@ -37,6 +42,7 @@ struct RowsArgs {
   void* lse = nullptr;                // (M,) acc_t out: per-row log-sum-exp (0 for ignored rows)
   int64_t rows = 0;
   int64_t classes = 0;
+  int64_t positions = 0;              // 0: (M, C) rows; else S of an (N, C, S) problem
   int64_t ignore_index = -100;
   double label_smoothing = 0.0;
   double z_loss = 0.0;
@@ -49,7 +55,9 @@ struct RowsArgs {
 // as compiled into this extension (1 when built without the OpenMP that torch's backend needs).
 int64_t parallel_threads(int64_t tasks);
 
-// Processes rows [begin, end) of the problem: writes row_loss, lse and (when grad) the gradient rows.
+// Processes rows [begin, end) of the problem (with positions > 0: tiles [begin, end), tile t being
+// positions [s0, s0 + kPositionTile) of batch item t / ceil(S / kPositionTile)): writes row_loss, lse
+// and (when grad) the gradient.
 using RowsFn = void (*)(const RowsArgs& args, int64_t begin, int64_t end);
 
 namespace DEFAULT {

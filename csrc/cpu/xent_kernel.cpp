@@ -27,6 +27,7 @@
 #endif
 
 #include "cpu/xent_cpu.h"
+#include "xent_checks.h"
 #include "xent_math.h"
 
 // With ATen's OpenMP backend, at::parallel_for is an inline `#pragma omp parallel`: compiled without
@@ -152,61 +153,38 @@ void advise_huge_pages(void* data, size_t bytes) {
 
 cpu::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat:
-      return cpu::DType::kFloat;
     case at::kDouble:
       return cpu::DType::kDouble;
     case at::kBFloat16:
       return cpu::DType::kBFloat16;
     case at::kHalf:
       return cpu::DType::kHalf;
-    default:
-      TORCH_CHECK(false, "torch_xent: logits must be float32, float64, bfloat16 or float16, got ", t);
+    default:  // float32: check_forward_arguments lets nothing else through
+      return cpu::DType::kFloat;
   }
 }
 
+// The shared checks (../xent_checks.h), after this backend's own: every tensor on the CPU (the
+// dispatcher picks this kernel when none is on an accelerator, so only the logits' device is left).
 void check_arguments(const char* op, const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& weight,
                      int64_t reduction, double label_smoothing, double softcap) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (M, C), got ", logits.dim(), " dimension(s)");
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU for this kernel, got ", logits.device());
-  (void)kernel_dtype(logits.scalar_type());
-  const int64_t rows = logits.size(0), classes = logits.size(1);
-  TORCH_CHECK(classes > 0, op, ": logits have 0 classes");
-  TORCH_CHECK(target.device().is_cpu(), op, ": target must be on the CPU like the logits, got ", target.device());
-  if (at::isFloatingType(target.scalar_type())) {
-    TORCH_CHECK(target.sizes() == logits.sizes(), op, ": class-probability targets must have the logits' shape ",
-                logits.sizes(), ", got ", target.sizes());
-    TORCH_CHECK(target.scalar_type() == logits.scalar_type(), op, ": class-probability targets must have the logits' "
-                "dtype ", logits.scalar_type(), ", got ", target.scalar_type());
-  } else {
-    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
-                target.scalar_type());
-    TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, op, ": class-index targets must have shape (", rows,
-                "), got ", target.sizes());
-  }
-  if (weight.has_value() && weight->defined()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes, op, ": weight must have shape (", classes,
-                "), got ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == logits.scalar_type(), op, ": weight must have the logits' dtype ",
-                logits.scalar_type(), ", got ", weight->scalar_type());
-    TORCH_CHECK(weight->device().is_cpu(), op, ": weight must be on the CPU like the logits, got ",
-                weight->device());
-  }
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
-  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0 (0 is off), got ",
-              softcap);
+  check_forward_arguments(op, logits, target, weight, reduction, label_smoothing, softcap);
+  // The K-dimensional kernel compares class indices in the accumulation type's lanes: exact below 2^24.
+  TORCH_CHECK(logits.dim() == 2 || logits.size(1) < (int64_t(1) << 24), op,
+              ": 3-D (N, C, S) logits take at most 2^24 - 1 classes, got ", logits.size(1));
 }
 
-// Runs the whole op; `grad` is the (M, C) buffer to write the gradient into (the logits themselves
-// for the in-place op), or undefined for none. Returns (loss, lse).
+// Runs the whole op on contiguous (M, C) or (N, C, S) logits; `grad` is the buffer of their shape to
+// write the gradient into (the logits themselves for the in-place op), or undefined for none.
+// Returns (loss, lse), the per-row ones of shape (M,) or (N, S).
 std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& target_in,
                                        const c10::optional<Tensor>& weight_in, int64_t reduction,
                                        int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
                                        const Tensor& grad) {
-  const int64_t rows = logits.size(0), classes = logits.size(1);
+  const bool nd = logits.dim() == 3;
+  const int64_t positions = nd ? logits.size(2) : 0;
+  const int64_t rows = nd ? logits.size(0) * positions : logits.size(0), classes = logits.size(1);
   const bool prob = at::isFloatingType(target_in.scalar_type());
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = logits.options().dtype(acc);
@@ -220,6 +198,7 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
   args.grad = grad.defined() ? grad.data_ptr() : nullptr;
   args.rows = rows;
   args.classes = classes;
+  args.positions = positions;
   args.ignore_index = ignore_index;
   args.label_smoothing = label_smoothing;
   args.z_loss = z_loss;
@@ -249,19 +228,24 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
     args.weight_total = static_cast<double>(classes);
   }
 
-  Tensor row_loss = at::empty({rows}, acc_options);
-  Tensor lse = at::empty({rows}, acc_options);
+  const std::vector<int64_t> row_shape = nd ? std::vector<int64_t>{logits.size(0), positions}
+                                            : std::vector<int64_t>{rows};
+  Tensor row_loss = at::empty(row_shape, acc_options);
+  Tensor lse = at::empty(row_shape, acc_options);
   args.row_loss = row_loss.data_ptr();
   args.lse = lse.data_ptr();
 
   if (rows > 0) {
     const cpu::RowsFn kernel = rows_kernel();
-    // About 32K elements per task: small problems stay on the calling thread.
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / classes);
-    if (rows <= grain) {
-      kernel(args, 0, rows);
+    // The tasks are rows, or tiles of positions for 3-D logits; about 32K elements per task, so that
+    // small problems stay on the calling thread.
+    const int64_t tasks = nd ? logits.size(0) * ((positions + cpu::kPositionTile - 1) / cpu::kPositionTile) : rows;
+    const int64_t task_elements = nd ? classes * cpu::kPositionTile : classes;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / task_elements);
+    if (tasks <= grain) {
+      kernel(args, 0, tasks);
     } else {
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
     }
   }
 
@@ -303,10 +287,7 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_inplace_cpu(Tensor& logits, con
                                                              double z_loss, double softcap) {
   check_arguments("torch_xent::cross_entropy_forward_inplace", logits, target, weight, reduction, label_smoothing,
                   softcap);
-  TORCH_CHECK(logits.is_contiguous(), "torch_xent::cross_entropy_forward_inplace: logits must be contiguous, since "
-              "the gradient is written into their storage");
-  TORCH_CHECK(!(target.defined() && at::isFloatingType(target.scalar_type()) && target.is_same(logits)),
-              "torch_xent::cross_entropy_forward_inplace: the target cannot be the logits themselves");
+  check_inplace_arguments("torch_xent::cross_entropy_forward_inplace", logits, target);
   return run_forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, logits);
 }
 

@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "xent_checks.h"
 #include "xent_math.h"
 #include "xent_rows.cuh"
 
@@ -344,61 +345,29 @@ void launch_rows(RowParams<T, acc_t> p, int device, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                  int64_t reduction, double label_smoothing, double softcap) {
-  TORCH_CHECK(logits.is_cuda(), "torch_xent::cross_entropy_forward (CUDA): logits must be a CUDA tensor");
-  TORCH_CHECK(logits.dim() == 2, "torch_xent::cross_entropy_forward: logits must be 2-D (M, C), got ",
-              logits.dim(), "-D");
-  TORCH_CHECK(logits.is_contiguous(), "torch_xent::cross_entropy_forward: logits must be contiguous");
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "torch_xent::cross_entropy_forward: logits must be float16, bfloat16, float32 or float64, got ",
-              dtype);
-  const int64_t M = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(C > 0 || M == 0, "torch_xent::cross_entropy_forward: logits have no classes (C == 0)");
-  // In-row indices are 32-bit on the GPU (row offsets are 64-bit): a row of 2^31 classes is beyond any use.
-  TORCH_CHECK(C < std::numeric_limits<int32_t>::max() - 64,
-              "torch_xent::cross_entropy_forward (CUDA): at most 2^31 - 65 classes are supported, got ", C);
-  TORCH_CHECK(target.device() == logits.device(), "torch_xent::cross_entropy_forward: target is on ",
-              target.device(), " but logits are on ", logits.device());
-  if (target.is_floating_point()) {
-    TORCH_CHECK(target.scalar_type() == dtype, "torch_xent::cross_entropy_forward: probability target must have "
-                "the logits' dtype ", dtype, ", got ", target.scalar_type());
-    TORCH_CHECK(target.sizes() == logits.sizes(), "torch_xent::cross_entropy_forward: probability target must "
-                "have the logits' shape ", logits.sizes(), ", got ", target.sizes());
-    TORCH_CHECK(target.is_contiguous(), "torch_xent::cross_entropy_forward: target must be contiguous");
-  } else {
-    TORCH_CHECK(target.scalar_type() == at::kLong, "torch_xent::cross_entropy_forward: class target must be "
-                "int64, got ", target.scalar_type());
-    TORCH_CHECK(target.dim() == 1 && target.size(0) == M, "torch_xent::cross_entropy_forward: class target must "
-                "have shape (", M, "), got ", target.sizes());
-    TORCH_CHECK(target.is_contiguous(), "torch_xent::cross_entropy_forward: target must be contiguous");
-  }
-  if (weight.has_value() && weight->defined()) {
-    const at::Tensor& w = *weight;
-    TORCH_CHECK(w.device() == logits.device(), "torch_xent::cross_entropy_forward: weight is on ", w.device(),
-                " but logits are on ", logits.device());
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == C, "torch_xent::cross_entropy_forward: weight must have shape (",
-                C, "), got ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == dtype, "torch_xent::cross_entropy_forward: weight must have the logits' dtype ",
-                dtype, ", got ", w.scalar_type());
-    TORCH_CHECK(w.is_contiguous(), "torch_xent::cross_entropy_forward: weight must be contiguous");
-  }
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "torch_xent::cross_entropy_forward: reduction must be 0 (none), "
-              "1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-              "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
-  TORCH_CHECK(softcap >= 0.0, "torch_xent::cross_entropy_forward: softcap must be >= 0 (0 means off), got ",
-              softcap);
+// The shared checks (../xent_checks.h), after this backend's own: the logits on a GPU, and rows
+// that 32-bit in-row indices can walk (row offsets are 64-bit; a row of 2^31 classes is beyond any use).
+void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing, double softcap) {
+  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor for this kernel, got ", logits.device());
+  check_forward_arguments(op, logits, target, weight, reduction, label_smoothing, softcap);
+  // K-dimensional input reaches this kernel as (M, C) rows (torch_xent.functional copies it so).
+  TORCH_CHECK(logits.dim() == 2, op, ": the CUDA kernel takes 2-D (M, C) logits, got ", logits.dim(),
+              " dimensions");
+  TORCH_CHECK(logits.size(1) < std::numeric_limits<int32_t>::max() - 64, op,
+              ": at most 2^31 - 65 classes are supported on CUDA, got ", logits.size(1));
 }
 
 // Runs the forward; writes the gradient into `grad` when it is defined (a new buffer, or the
 // logits themselves for the in-place op). Returns (loss, lse).
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight, int64_t reduction,
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target_in,
+                                                const std::optional<at::Tensor>& weight_in, int64_t reduction,
                                                 int64_t ignore_index, double label_smoothing, double z_loss,
                                                 double softcap, const at::Tensor& grad) {
   const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor target = target_in.contiguous();
+  std::optional<at::Tensor> weight;
+  if (weight_in.has_value() && weight_in->defined()) weight = weight_in->contiguous();
   const int64_t M = logits.size(0), C = logits.size(1);
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = logits.options().dtype(acc_type);
@@ -464,9 +433,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool compute_grad) {
-  check_inputs(logits, target, weight, reduction, label_smoothing, softcap);
+  check_inputs("torch_xent::cross_entropy_forward", logits_in, target, weight, reduction, label_smoothing, softcap);
+  const at::Tensor logits = logits_in.contiguous();
   at::Tensor grad = compute_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous) : logits.new_empty({0});
   auto [loss, lse] = forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
                                   compute_grad ? grad : at::Tensor());
@@ -476,9 +446,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_inplace_cuda(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
-  check_inputs(logits, target, weight, reduction, label_smoothing, softcap);
-  TORCH_CHECK(!target.is_floating_point() || !target.is_same(logits),
-              "torch_xent::cross_entropy_forward_inplace: target must not share the logits' storage");
+  check_inputs("torch_xent::cross_entropy_forward_inplace", logits, target, weight, reduction, label_smoothing,
+               softcap);
+  check_inplace_arguments("torch_xent::cross_entropy_forward_inplace", logits, target);
   return forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, logits);
 }
 

@@ -2,7 +2,7 @@
 // block or cluster that owns a row does in each pass. It is also valid host C++, so that it can be
 // run on a CPU thread by thread (csrc/cuda/emulate_rows.cpp, used by tests/test_cuda.py) where no
 // GPU is present. Only the reductions across threads (shuffles, shared memory, clusters) and the
-// launches are CUDA-only, in xent_kernel.cu. The scalar formulas are in ../xent_math.h.
+// launches are CUDA-only, in xent_kernel.cu. The per-row formulas (and nan_max) are in ../xent_math.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -57,12 +57,6 @@ XENT_ROW_FN float acc_exp(float x) {
 XENT_ROW_FN double acc_exp(double x) { return ::exp(x); }
 XENT_ROW_FN float acc_log(float x) { return ::logf(x); }
 XENT_ROW_FN double acc_log(double x) { return ::log(x); }
-
-// max that propagates NaN from either side (fmaxf would drop it and hide a NaN row).
-template <typename acc_t>
-XENT_ROW_FN acc_t nan_max(acc_t a, acc_t b) {
-  return (a > b || a != a) ? a : b;
-}
 
 template <typename acc_t>
 XENT_ROW_FN acc_t neg_inf() {
@@ -444,7 +438,7 @@ XENT_ROW_FN void write_grad(const RowParams<T, acc_t>& p, const TargetTerms<acc_
             q += r.smooth;
           }
         }
-        acc_t g = r.coef * acc_exp((zc - r.ref) - r.log_sum) - q;
+        acc_t g = softmax_grad(r.coef, acc_exp((zc - r.ref) - r.log_sum), q);
         if (cap > acc_t(0)) g *= softcap_chain(zc, cap);
         out.v[e] = from_acc<T>(g);
       }

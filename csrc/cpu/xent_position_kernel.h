@@ -1,0 +1,302 @@
+// The CPU kernel for K-dimensional input in its own layout (compiled once per instruction set, see
+// xent_rows.h): logits (N, C, S) with S = d1 * ... * dK contiguous, as a segmentation model's
+// (N, C, H, W) output is laid out. The classes of one position are S elements apart and the
+// positions of one class are contiguous, so the vectors run across positions and the classes are
+// the inner loop, the formulas of xent_math.h evaluated one position per lane.
+//
+// A tile is kPositionTile consecutive positions of one batch item. Per tile: a first loop over the
+// classes takes each position's max (reading the tile's logits from memory, and prefetching the
+// next tile's), a second sums exp(zc - max) and the target terms (from cache) and keeps the
+// exponentials in a per-thread scratch of C x tile values, and a third writes the gradient in the
+// logits' layout. One exp per element (two with a softcap, whose scratch holds the capped logits),
+// one read of the logits from memory and one write of the gradient. Every position is computed by
+// itself, lane-wise, so the result does not depend on how the tiles are split over the threads.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "cpu/xent_cpu.h"
+#include "cpu/xent_scratch.h"
+#include "cpu/xent_vec.h"
+#include "xent_math.h"
+
+namespace torch_xent {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+template <typename scalar_t, bool kProb, bool kSoftcap, bool kGrad>
+class PositionKernel {
+  using B = Block<scalar_t>;
+  using acc_t = typename B::acc_t;
+  using Vec = typename B::Vec;
+  static constexpr int K = B::kVecs;
+  static constexpr int64_t kS = B::kSize;            // elements per block
+  static constexpr int64_t kVS = Vec::size();        // elements per acc_t vector
+  static constexpr int64_t T = kPositionTile;        // positions per tile
+  static constexpr int kBlocks = static_cast<int>(T / kS);
+  static constexpr int NV = static_cast<int>(T / kVS);  // acc_t vectors per tile
+  static_assert(T % kS == 0 && kBlocks * K == NV, "a tile is a whole number of blocks");
+  // Prefetch distance, in tiles, of the first pass (the classes of a tile are C streams of T
+  // elements, too many for the hardware prefetchers to follow when C is large).
+  static constexpr int64_t kPrefetchTiles = 2;
+
+ public:
+  explicit PositionKernel(const RowsArgs& a)
+      : C_(a.classes),
+        S_(a.positions),
+        logits_(static_cast<const scalar_t*>(a.logits)),
+        grad_(static_cast<scalar_t*>(a.grad)),
+        target_(a.target),
+        prob_(static_cast<const scalar_t*>(a.target_prob)),
+        weight_(static_cast<const acc_t*>(a.weight)),
+        row_loss_(static_cast<acc_t*>(a.row_loss)),
+        lse_(static_cast<acc_t*>(a.lse)),
+        ignore_index_(a.ignore_index),
+        eps_(static_cast<acc_t>(a.label_smoothing)),
+        smooth_(static_cast<acc_t>(a.label_smoothing / static_cast<double>(a.classes))),
+        z_loss_(static_cast<acc_t>(a.z_loss)),
+        cap_(static_cast<acc_t>(a.softcap)),
+        inv_cap_(a.softcap > 0 ? static_cast<acc_t>(1.0 / a.softcap) : acc_t(0)),
+        scale_(static_cast<acc_t>(a.grad_scale)),
+        weight_total_(static_cast<acc_t>(a.weight_total)),
+        tiles_per_item_((a.positions + T - 1) / T) {}
+
+  // Tiles [begin, end) of the problem; tile t is positions [s0, s0 + T) of batch item t / tiles_per_item.
+  void run(int64_t begin, int64_t end) {
+    if (kGrad || kSoftcap) {
+      scratch_ = static_cast<acc_t*>(thread_scratch(static_cast<size_t>(C_ * T) * sizeof(acc_t)));
+    }
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tiles_per_item_;
+      const int64_t s0 = (t % tiles_per_item_) * T;
+      tile(n, s0, std::min(T, S_ - s0));
+    }
+  }
+
+ private:
+  acc_t class_weight(int64_t j) const { return weight_ != nullptr ? weight_[j] : acc_t(1); }
+
+  // The tile's positions of one class (npos valid, 0 in the lanes past them).
+  static XENT_INLINE void load_tile(const scalar_t* p, int64_t npos, Vec* v) {
+    for (int b = 0; b < kBlocks; ++b) {
+      const int64_t n = npos - b * kS;
+      if (n >= kS) {
+        B::load(p + b * kS, v + b * K);
+      } else if (n > 0) {
+        scalar_t tmp[kS];
+        for (int64_t k = 0; k < kS; ++k) tmp[k] = k < n ? p[b * kS + k] : scalar_t(0);
+        B::load(tmp, v + b * K);
+      } else {
+        for (int i = 0; i < K; ++i) v[b * K + i] = Vec(acc_t(0));
+      }
+    }
+  }
+  static XENT_INLINE void store_tile(scalar_t* p, int64_t npos, const Vec* v) {
+    for (int b = 0; b < kBlocks; ++b) {
+      const int64_t n = npos - b * kS;
+      if (n >= kS) {
+        B::store(p + b * kS, v + b * K);
+      } else if (n > 0) {
+        scalar_t tmp[kS];
+        B::store(tmp, v + b * K);
+        for (int64_t k = 0; k < n; ++k) p[b * kS + k] = tmp[k];
+      }
+    }
+  }
+  static XENT_INLINE void load_acc(const acc_t* p, Vec* v) {
+    for (int i = 0; i < NV; ++i) v[i] = Vec::loadu(p + i * kVS);
+  }
+  static XENT_INLINE void store_acc(acc_t* p, const Vec* v) {
+    for (int i = 0; i < NV; ++i) v[i].store(p + i * kVS);
+  }
+  // Probability targets: q = w_j ((1 - eps) t + eps / C) for the tile's positions of class j.
+  XENT_INLINE void load_q(const scalar_t* t, int64_t npos, acc_t w, Vec* q) const {
+    load_tile(t, npos, q);
+    const Vec a(acc_t(1) - eps_), b(smooth_), vw(w);
+    for (int i = 0; i < NV; ++i) q[i] = at::vec::fmadd(q[i], a, b) * vw;
+  }
+
+  // The positions [s0, s0 + npos) of batch item n.
+  void tile(int64_t n, int64_t s0, int64_t npos) {
+    const int64_t base = n * C_ * S_ + s0;  // element (n, 0, s0)
+    const scalar_t* z = logits_ + base;
+    const scalar_t* t = kProb ? prob_ + base : nullptr;
+    scalar_t* g = kGrad ? grad_ + base : nullptr;
+    const int64_t out = n * S_ + s0;  // the positions' index in the (N, S) outputs
+    acc_t* scratch = scratch_;
+
+    // Class targets: each position's class (0 where ignored or past npos), its weight and whether
+    // it counts. A tile where nothing counts is not even read, like an ignored row.
+    alignas(64) acc_t ys[T], wys[T], zys[T], valids[T];
+    if constexpr (!kProb) {
+      bool any_valid = false;
+      for (int64_t r = 0; r < T; ++r) {
+        const int64_t y = r < npos ? target_[out + r] : ignore_index_;
+        const bool valid = r < npos && y != ignore_index_;
+        const int64_t yc = valid ? y : 0;
+        any_valid = any_valid || valid;
+        ys[r] = static_cast<acc_t>(yc);
+        wys[r] = valid ? class_weight(yc) : acc_t(0);
+        // Read before an in-place gradient overwrites it.
+        zys[r] = valid ? softcap_value(static_cast<acc_t>(z[yc * S_ + r]), cap_) : acc_t(0);
+        valids[r] = valid ? acc_t(1) : acc_t(0);
+      }
+      if (!any_valid) {
+        for (int64_t r = 0; r < npos; ++r) {
+          row_loss_[out + r] = 0;
+          lse_[out + r] = 0;
+        }
+        if constexpr (kGrad) {
+          for (int64_t j = 0; j < C_; ++j) {
+            std::memset(static_cast<void*>(g + j * S_), 0, static_cast<size_t>(npos) * sizeof(scalar_t));
+          }
+        }
+        return;
+      }
+    }
+
+    // Pass 1: the max of the (capped) logits of each position.
+    Vec m[NV];
+    for (int i = 0; i < NV; ++i) m[i] = Vec(-std::numeric_limits<acc_t>::infinity());
+    const bool prefetch = s0 + kPrefetchTiles * T < S_;
+    for (int64_t j = 0; j < C_; ++j) {
+      const scalar_t* zj = z + j * S_;
+      if (prefetch) {
+        const char* ahead = reinterpret_cast<const char*>(zj + kPrefetchTiles * T);
+        for (int64_t off = 0; off < T * int64_t(sizeof(scalar_t)); off += 64) __builtin_prefetch(ahead + off);
+      }
+      Vec v[NV];
+      load_tile(zj, npos, v);
+      if constexpr (kSoftcap) {
+        for (int i = 0; i < NV; ++i) v[i] = Vec(cap_) * (v[i] * Vec(inv_cap_)).tanh();
+        store_acc(scratch + j * T, v);
+      }
+      for (int i = 0; i < NV; ++i) m[i] = at::vec::maximum(m[i], v[i]);
+    }
+
+    // Pass 2: sum_j exp(zc_j - max), and the target terms relative to the max.
+    const bool smoothing = !kProb && smooth_ != acc_t(0);
+    Vec s[NV], qz[NV], qsum[NV];
+    for (int i = 0; i < NV; ++i) {
+      s[i] = Vec(acc_t(0));
+      qz[i] = Vec(acc_t(0));
+      qsum[i] = Vec(acc_t(0));
+    }
+    for (int64_t j = 0; j < C_; ++j) {
+      Vec v[NV];
+      if constexpr (kSoftcap) {
+        load_acc(scratch + j * T, v);
+      } else {
+        load_tile(z + j * S_, npos, v);
+      }
+      for (int i = 0; i < NV; ++i) v[i] = v[i] - m[i];
+      if constexpr (kProb) {
+        Vec q[NV];
+        load_q(t + j * S_, npos, class_weight(j), q);
+        for (int i = 0; i < NV; ++i) {
+          qsum[i] = qsum[i] + q[i];
+          qz[i] = qz[i] + weighted_logit(q[i], v[i]);
+        }
+      } else if (smoothing) {  // sum_j w_j (zc_j - max); its factor eps / C comes below
+        const Vec w(class_weight(j));
+        for (int i = 0; i < NV; ++i) qz[i] = qz[i] + weighted_logit(w, v[i]);
+      }
+      for (int i = 0; i < NV; ++i) {
+        v[i] = vexp(v[i]);
+        s[i] = s[i] + v[i];
+      }
+      if (kGrad && !kSoftcap) store_acc(scratch + j * T, v);
+    }
+
+    // Per position: the loss, the lse and the gradient's coefficients. As in the reference, a
+    // position whose max is +-inf is NaN throughout (inf - inf on the way), unless it is ignored.
+    alignas(64) acc_t loss_out[T], lse_out[T];
+    Vec lse[NV], coef[NV], target_q[NV], valid[NV];
+    acc_t smooth = smooth_;
+    for (int i = 0; i < NV; ++i) {
+      const Vec log_sum = s[i].log();
+      lse[i] = m[i] + log_sum;
+      Vec sum_q, q_dot_z, loss;
+      if constexpr (kProb) {
+        sum_q = qsum[i];
+        loss = row_loss_shifted(log_sum, lse[i], sum_q, qz[i], z_loss_);
+        loss.store(loss_out + i * kVS);
+        lse[i].store(lse_out + i * kVS);
+      } else {
+        const HardTargetCoef<Vec, acc_t> tc = hard_target_coef(eps_, Vec::loadu(wys + i * kVS), weight_total_, C_);
+        smooth = tc.smooth;
+        sum_q = tc.sum_q;
+        target_q[i] = tc.target_q;
+        q_dot_z = weighted_logit(tc.target_q, Vec::loadu(zys + i * kVS) - m[i]);
+        if (smoothing) q_dot_z = q_dot_z + Vec(tc.smooth) * qz[i];
+        loss = row_loss_shifted(log_sum, lse[i], sum_q, q_dot_z, z_loss_);
+        valid[i] = Vec::loadu(valids + i * kVS) != Vec(acc_t(0));
+        Vec::blendv(Vec(acc_t(0)), loss, valid[i]).store(loss_out + i * kVS);
+        Vec::blendv(Vec(acc_t(0)), lse[i], valid[i]).store(lse_out + i * kVS);
+      }
+      coef[i] = softmax_coef(lse[i], sum_q, z_loss_);
+    }
+    for (int64_t r = 0; r < npos; ++r) {
+      row_loss_[out + r] = loss_out[r];
+      lse_[out + r] = lse_out[r];
+    }
+    if constexpr (!kGrad) return;
+
+    // Pass 3: grad_j = scale * softmax_grad(coef, p_j, q_j) * chain_j, in the logits' layout.
+    const Vec vscale(scale_);
+    Vec f[NV], y[NV];
+    for (int i = 0; i < NV; ++i) {
+      // Without a softcap p_j = e_j / s: the scale and 1 / s fold into one factor.
+      f[i] = kSoftcap ? coef[i] : coef[i] / s[i] * vscale;
+      if constexpr (!kProb) {
+        y[i] = Vec::loadu(ys + i * kVS);
+        target_q[i] = kSoftcap ? target_q[i] : target_q[i] * vscale;
+      }
+    }
+    for (int64_t j = 0; j < C_; ++j) {
+      Vec v[NV], q[NV];
+      load_acc(scratch + j * T, v);
+      if constexpr (kProb) {
+        load_q(t + j * S_, npos, class_weight(j), q);
+      } else {
+        const acc_t qs = smoothing ? smooth * class_weight(j) * (kSoftcap ? acc_t(1) : scale_) : acc_t(0);
+        const Vec vj(static_cast<acc_t>(j));
+        for (int i = 0; i < NV; ++i) q[i] = Vec::blendv(Vec(qs), target_q[i] + Vec(qs), y[i] == vj);
+      }
+      for (int i = 0; i < NV; ++i) {
+        if constexpr (kSoftcap) {
+          const Vec p = vexp(v[i] - lse[i]);
+          const Vec c = v[i] * Vec(inv_cap_);
+          v[i] = softmax_grad(f[i], p, q[i]) * (Vec(acc_t(1)) - c * c) * vscale;
+        } else if constexpr (kProb) {
+          v[i] = v[i] * f[i] - q[i] * vscale;
+        } else {
+          v[i] = v[i] * f[i] - q[i];
+        }
+        if constexpr (!kProb) v[i] = Vec::blendv(Vec(acc_t(0)), v[i], valid[i]);  // ignored: exactly 0
+      }
+      store_tile(g + j * S_, npos, v);
+    }
+  }
+
+  const int64_t C_, S_;
+  const scalar_t* logits_;
+  scalar_t* grad_;
+  const int64_t* target_;
+  const scalar_t* prob_;
+  const acc_t* weight_;
+  acc_t* row_loss_;
+  acc_t* lse_;
+  const int64_t ignore_index_;
+  const acc_t eps_, smooth_, z_loss_, cap_, inv_cap_, scale_, weight_total_;
+  const int64_t tiles_per_item_;
+  acc_t* scratch_ = nullptr;  // (C, T): exponentials, or capped logits with a softcap
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace torch_xent
