@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast test-pure bench clean
 
 setup: $(VENV)/.deps $(VENV)/.built
 
@@ -34,8 +34,23 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
+# A pure-Python install as users get it without a compiler (TORCH_XENT_BUILD_EXT=0), in its own
+# virtual environment, and the correctness tests that apply to it, run from tests/ so that they import
+# the installed copy (not this checkout, which may hold a built extension).
+PURE_VENV ?= .venv-pure
+PURE_TESTS ?= test_cross_entropy.py test_aten.py test_worked_example.py test_linear.py test_torch_inputs.py test_compile.py
+test-pure:
+	$(PYTHON) -m venv $(PURE_VENV)
+	$(PURE_VENV)/bin/python -m pip install --upgrade "pip>=23.1"
+	$(PURE_VENV)/bin/python -m pip install torch==2.13.0
+	$(PURE_VENV)/bin/python -m pip install -r requirements-dev.txt
+	TORCH_XENT_BUILD_EXT=0 $(PURE_VENV)/bin/python -m pip install --no-build-isolation --no-deps --force-reinstall .
+	cd tests && ../$(PURE_VENV)/bin/python -c "import torch_xent; torch_xent.show_config(); \
+		assert not torch_xent._native.loaded(), 'the extension was loaded: not a pure-Python install'"
+	cd tests && ../$(PURE_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) $(PURE_TESTS)
+
 bench: setup
 	$(PY) benchmarks/bench_xent.py
 
 clean:
-	rm -rf build *.egg-info torch_xent/*.so $(VENV)
+	rm -rf build *.egg-info torch_xent/*.so $(VENV) $(PURE_VENV)

@@ -1,4 +1,5 @@
-"""Softmax cross-entropy, side by side: PyTorch eager, torch.compile, torch_xent's reference and its
+"""Softmax cross-entropy, side by side: PyTorch eager, torch.compile, torch_xent's pure-PyTorch paths
+(the fast one, impl="aten", with and without inplace_backward, and the readable reference) and its
 native kernel (with and without inplace_backward).
 
     python benchmarks/bench_xent.py                  # CPU, full shape set -> benchmarks/results/cpu.md
@@ -56,7 +57,7 @@ CPU_KDIM = [f"{shape}:{d}:{v}" for shape in ("8x19x512x1024", "4x150x256x256") f
 VARIANTS = {"": {}, "ignore": {"ignore_index": 0}, "smooth": {"label_smoothing": 0.1},
             "seg": {"ignore_index": 255}, "seg+weight": {"ignore_index": 255}}
 WEIGHTED = {"seg+weight"}
-CONTENDERS = ["eager", "compile", "reference", "native", "native-inplace"]
+CONTENDERS = ["eager", "compile", "reference", "aten", "aten-inplace", "native", "native-inplace"]
 MODES = ["fwd+bwd", "fwd"]
 # Peak memory is measured for problems at least this large; below, a few pages of noise.
 MEMORY_MIN_ELEMENTS = 1 << 20
@@ -110,6 +111,10 @@ def make_contender(name, variant, compile_cache, weight=None):
         return compile_cache["fn"]
     if name == "reference":
         return lambda x, y: torch_xent.cross_entropy(x, y, impl="reference", **kw)
+    if name == "aten":
+        return lambda x, y: torch_xent.cross_entropy(x, y, impl="aten", **kw)
+    if name == "aten-inplace":
+        return lambda x, y: torch_xent.cross_entropy(x, y, impl="aten", inplace_backward=True, **kw)
     if name == "native":
         return lambda x, y: torch_xent.cross_entropy(x, y, impl="native", **kw)
     if name == "native-inplace":

@@ -126,7 +126,7 @@ def dynamic():
     linear_cross_entropy, each equal to eager."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    for impl in ("reference", "native" if torch_xent.native_available("cpu") else "reference"):
+    for impl in ("reference", "aten", "native" if torch_xent.native_available("cpu") else "reference"):
         counters = [CompileCounterWithBackend("inductor") for _ in range(2)]
 
         def ce(x, t):
@@ -153,7 +153,7 @@ def out_of_range():
     replaces the host-side check (the reference path, and linear_cross_entropy's up-front check on
     the CPU), IndexError ("Target 7 is out of bounds.") from the compiled CPU kernel's own check."""
     x, t = torch.randn(4, 5, requires_grad=True), torch.tensor([0, 7, 1, 2])
-    cases = [("reference", RuntimeError, RuntimeError)]
+    cases = [("reference", RuntimeError, RuntimeError), ("aten", RuntimeError, RuntimeError)]
     if torch_xent.native_available("cpu"):
         cases.append(("native", IndexError, RuntimeError))
     for impl, ce_exc, lce_exc in cases:
@@ -169,7 +169,8 @@ def out_of_range():
 
 
 CASES = {"options-auto": lambda: options("auto"), "options-native": lambda: options("native"),
-         "options-reference": lambda: options("reference"), "train-step": train_step,
+         "options-reference": lambda: options("reference"), "options-aten": lambda: options("aten"),
+         "train-step": train_step,
          "linear-native": lambda: linear("native"), "linear-reference": lambda: linear("reference"),
          "dynamic": dynamic, "out-of-range": out_of_range}
 

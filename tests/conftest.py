@@ -1,5 +1,6 @@
-"""Devices and implementations every test runs over: the reference always, the compiled kernel when
-built, CUDA when a GPU is present (CUDA cases are skipped, never failed, without one)."""
+"""Devices and implementations every test runs over: the fast pure-PyTorch path ("aten") and the
+readable reference always, the compiled kernel when built, CUDA when a GPU is present (CUDA cases are
+skipped, never failed, without one)."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def impls_for(device):
-    return ["reference"] + (["native"] if torch_xent.native_available(device) else [])
+    return ["aten", "reference"] + (["native"] if torch_xent.native_available(device) else [])
 
 
 DEVICE_IMPLS = [(d, i) for d in DEVICES for i in impls_for(d)]

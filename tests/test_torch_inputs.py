@@ -1,4 +1,5 @@
-"""torch_xent on PyTorch's own test inputs (torch.testing._internal), on impl native and reference:
+"""torch_xent on PyTorch's own test inputs (torch.testing._internal), on impl native and reference
+(cross-entropy also on aten):
 
 - cross_entropy / CrossEntropyLoss: the OpInfo samples of ``nn.functional.cross_entropy`` and the
   module_db inputs and error inputs of ``nn.CrossEntropyLoss``;
@@ -23,6 +24,7 @@ common_methods_invocations = pytest.importorskip("torch.testing._internal.common
 common_modules = pytest.importorskip("torch.testing._internal.common_modules")
 
 IMPLS = ["reference"] + (["native"] if torch_xent.native_available("cpu") else [])
+CE_IMPLS = ["aten"] + IMPLS  # linear_cross_entropy has no aten path of its own (its chunks run native or reference)
 OPINFOS = {op.variant_test_name or "plain": op for op in common_methods_invocations.op_db
            if op.name == "nn.functional.linear_cross_entropy"}
 CE_OPINFOS = [op for op in common_methods_invocations.op_db if op.name == "nn.functional.cross_entropy"]
@@ -39,7 +41,7 @@ needs_linear_opinfo = pytest.mark.skipif(not OPINFOS, reason="this torch has no 
 
 
 @pytest.mark.skipif(not CE_OPINFOS, reason="this torch has no cross_entropy OpInfo")
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", CE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cross_entropy_opinfo_samples(dtype, impl):
     for op in CE_OPINFOS:
@@ -61,7 +63,7 @@ def test_cross_entropy_opinfo_samples(dtype, impl):
 
 
 @pytest.mark.skipif(CE_MODULE_INFO is None, reason="this torch has no CrossEntropyLoss ModuleInfo")
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", CE_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_cross_entropy_module_db(dtype, impl):
     torch.manual_seed(0)

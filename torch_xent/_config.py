@@ -18,16 +18,25 @@ def show_config(file=None) -> str:
         lines.append(f"  compiled extension: not loaded ({_native.load_error()})")
     for device in ("cpu", "cuda"):
         built = _native.native_available(device)
-        usable = device == "cpu" or torch.cuda.is_available()
-        if built:
-            used = "native kernel" if usable else "native kernel (no GPU visible now)"
-        else:
-            used = "reference (pure PyTorch)"
         threads = ""
         if built and device == "cpu":
             threads = (f" ({_native.cpu_kernel_variant()}, rows in parallel on {_native.cpu_parallel_threads()} of "
                        f"{torch.get_num_threads()} threads)")
-        lines.append(f"  {device}: kernel {'built' if built else 'not built'}{threads}; impl='auto' uses the {used}")
+        visible = device == "cpu" or torch.cuda.is_available()
+        lines.append(describe_device(device, built, _native.kernel_validated(device), visible, threads))
+    lines.append("  any other device: impl='auto' uses the pure-PyTorch path (aten)")
     text = "\n".join(lines)
     print(text, file=file)
     return text
+
+
+def describe_device(device: str, built: bool, validated: bool, visible: bool, threads: str = "") -> str:
+    """show_config()'s line for one device type: what is built, what impl='auto' runs there and why."""
+    kernel, why = _native.select_kernel("auto", device, built, validated)
+    used = "the native kernel" if kernel == "native" else "the pure-PyTorch path (aten)"
+    if kernel == "native" and not visible:
+        used += " (no GPU visible now)"
+    state = "built" if built else "not built"
+    if built and not validated:
+        state += ", not validated"
+    return f"  {device}: kernel {state}{threads}; impl='auto' uses {used}: {why}"

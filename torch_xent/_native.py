@@ -9,7 +9,7 @@ import torch
 
 from torch_xent.reference import acc_dtype
 
-IMPLS = ("auto", "native", "reference")
+IMPLS = ("auto", "native", "aten", "reference")
 
 _LOAD_ERROR: str | None = None
 _C = None
@@ -53,18 +53,52 @@ def native_available(device="cpu") -> bool:
     return _AVAILABLE.get(dev_type, False)
 
 
-def resolve_impl(impl: str, device: torch.device) -> bool:
-    """True when the compiled kernel is to be used for ``device`` under the ``impl`` argument."""
+#: Whether the compiled CUDA kernel has passed the GPU test suite (tests/test_cuda.py and the CUDA
+#: cases of the other test files) on real hardware. Until it has, impl="auto" runs the pure-PyTorch
+#: path on CUDA and the kernel is used only when asked for (impl="native"). The GPU validation flips
+#: this one line, with the run's record next to it: none yet (docs/cuda.md, "Validating on a GPU").
+CUDA_KERNEL_VALIDATED = False
+
+
+def kernel_validated(device_type: str) -> bool:
+    """Whether the compiled kernel for ``device_type`` has passed its tests on that hardware (the CPU
+    kernel's run in CI on every build)."""
+    return device_type == "cpu" or (device_type == "cuda" and CUDA_KERNEL_VALIDATED)
+
+
+def select_kernel(impl: str, device_type: str, built: bool, validated: bool, missing: str = "") -> tuple:
+    """Which implementation runs, and why: a function of what was built and validated only.
+
+    Returns ``(kernel, reason)`` with kernel "native" (the compiled op), "aten" (the fast pure-PyTorch
+    path, ``torch_xent/aten.py``) or "reference" (the readable pure-PyTorch statement,
+    ``torch_xent/reference.py``). ``impl="auto"`` takes the compiled kernel only when it is built and
+    validated; ``impl="native"`` without one raises (``missing`` says why it is absent).
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
-        return False
-    available = native_available(device)
-    if impl == "native" and not available:
-        why = load_error() or f"it was built without {device.type.upper()} kernels"
-        raise RuntimeError(f"torch_xent: impl='native' asked for, but no compiled kernel for {device.type} "
-                           f"is available ({why}); see torch_xent.show_config()")
-    return available
+        return "reference", "impl='reference' asked for"
+    if impl == "aten":
+        return "aten", "impl='aten' asked for"
+    if impl == "native":
+        if not built:
+            why = missing or f"it was built without {device_type.upper()} kernels"
+            raise RuntimeError(f"torch_xent: impl='native' asked for, but no compiled kernel for {device_type} "
+                               f"is available ({why}); see torch_xent.show_config()")
+        return "native", "impl='native' asked for" + ("" if validated else " (the kernel is not validated)")
+    if built and validated:
+        return "native", "the compiled kernel is built and validated"
+    if built:
+        return "aten", (f"the compiled {device_type.upper()} kernel is built but not yet validated on this kind "
+                        "of hardware (impl='native' selects it)")
+    return "aten", f"no compiled kernel for {device_type}" + (f" ({missing})" if missing else "")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation (see :func:`select_kernel`) that runs for ``device`` under the ``impl`` argument.
+    Nothing is cached: a dict filled on the first call would change under a torch.compile trace."""
+    return select_kernel(impl, device.type, native_available(device), kernel_validated(device.type),
+                         load_error() or "")[0]
 
 
 def cuda_version() -> int:

@@ -7,21 +7,25 @@ import contextlib
 
 import torch
 
-from torch_xent import reference
+from torch_xent import aten, reference
 from torch_xent._options import LossOptions
 
 
 from torch_xent._checks import is_compiling
 
 
-def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, use_native):
+def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, kernel):
     """Runs one implementation on a 2-D contiguous (M, C) problem (or, native CPU kernel only, a 3-D
-    contiguous (N, C, S) one: K-dim input in its own layout, rows (N, S)).
+    contiguous (N, C, S) one: K-dim input in its own layout, rows (N, S)): ``kernel`` is "native"
+    (the compiled op), "aten" (the fast pure-PyTorch path) or "reference" (the readable one), as
+    ``torch_xent._native.resolve_impl`` chose it.
 
     Returns (loss in the accumulation dtype, lse (M,), grad (M, C) or None). With ``inplace`` the
     gradient is written into ``logits`` itself and ``grad`` is ``logits``.
     """
-    if use_native:
+    if kernel is True or kernel is False:  # linear.py hands a bool: the compiled kernel or the reference
+        kernel = "native" if kernel else "reference"
+    if kernel == "native":
         ops = torch.ops.torch_xent
         args = (target, weight, opts.reduction_code, opts.ignore_index, opts.label_smoothing, opts.z_loss,
                 opts.softcap_value)
@@ -37,6 +41,11 @@ def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inpla
                 return loss, lse, logits
             loss, lse, grad = ops.cross_entropy_forward(logits, *args, compute_grad)
         return loss, lse, (grad if compute_grad else None)
+    if kernel == "aten":
+        loss, lse, grad = aten.cross_entropy_forward(logits, target, weight, opts, compute_grad, inplace)
+        return loss, lse, (grad if compute_grad else None)
+    if kernel != "reference":
+        raise ValueError(f"torch_xent: unknown kernel {kernel!r}; one of 'native', 'aten', 'reference'")
     loss, lse, grad = reference.cross_entropy_forward(logits, target, weight, opts, compute_grad)
     if not compute_grad:
         return loss, lse, None
@@ -49,7 +58,7 @@ def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inpla
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """Softmax cross-entropy with a hand-written forward and backward.
 
-    ``apply(logits, target, weight, opts, inplace_backward, use_native)`` -> (loss, lse)
+    ``apply(logits, target, weight, opts, inplace_backward, kernel)`` -> (loss, lse)
 
     - logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64; or, for the native CPU
       kernel, (N, C, S) contiguous (K-dim input with its positions flattened, M = N * S rows whose
@@ -59,6 +68,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     - weight: (C,) in the logits' dtype, or None.
     - opts: a :class:`torch_xent.LossOptions` (``torch_xent.loss_options(...)`` checks and builds one);
       the loss is (M,) for reduction "none", else 0-d, in the logits' dtype.
+    - kernel: "native", "aten" or "reference" (see :func:`fused_forward`).
 
     The forward computes d loss / d logits while each row is in cache and keeps it; the backward
     scales it by grad_output in place (not at all when grad_output is 1 on the CPU) and hands the
@@ -71,12 +81,12 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, opts, inplace_backward, use_native):
+    def forward(ctx, logits, target, weight, opts, inplace_backward, kernel):
         compute_grad = ctx.needs_input_grad[0]
         inplace = bool(inplace_backward) and compute_grad and not is_compiling()
-        loss, lse, grad = fused_forward(logits, target, weight, opts, compute_grad, inplace, use_native)
+        loss, lse, grad = fused_forward(logits, target, weight, opts, compute_grad, inplace, kernel)
         ctx.opts = opts
-        ctx.use_native = use_native
+        ctx.kernel = kernel
         ctx.inplace = inplace
         ctx.logits_dtype = logits.dtype
         ctx.num_rows = logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[2]
@@ -182,7 +192,7 @@ def _take_buffer(ctx, logits, target, weight, grad_output):
         # Recompute with the same implementation as the forward, so that every backward through the
         # graph gives bit-identical gradients (gradcheck's reentrancy check asks for exactly that).
         with torch.no_grad():
-            _, _, grad = fused_forward(logits, target, weight, ctx.opts, True, False, ctx.use_native)
+            _, _, grad = fused_forward(logits, target, weight, ctx.opts, True, False, ctx.kernel)
     if batched:
         return _scaled(grad, grad_output)
     if grad_output.dim() > 0:

@@ -73,8 +73,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         softcap: if set, the logits are first replaced by ``softcap * tanh(logits / softcap)``.
         inplace_backward: write the gradient into the logits' storage instead of a new buffer
             (the logits are overwritten; autograd raises if another op saved them).
-        impl: ``"auto"`` (compiled kernel when built for the input's device, else the reference),
-            ``"native"`` (compiled kernel, an error if missing) or ``"reference"`` (pure PyTorch).
+        impl: ``"auto"`` (the compiled kernel when built and validated for the input's device, else
+            ``"aten"``), ``"native"`` (compiled kernel, an error if missing), ``"aten"`` (the fast
+            pure-PyTorch path) or ``"reference"`` (the readable pure-PyTorch statement, slow).
 
     Returns the loss in the input's dtype: a scalar for ``mean``/``sum``, the target's shape for ``none``.
     """
@@ -96,15 +97,15 @@ def cross_entropy_with_lse(input, target, weight=None, ignore_index=-100, reduct
 
 def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, impl):
     _checks.check_logits(input)
-    use_native = resolve_impl(impl, input.device)
+    kernel = resolve_impl(impl, input.device)
     soft = _checks.check_targets(input, target, opts.ignore_index)
-    logits, tgt, out_shape = _flatten_problem(input, target, soft, use_native and input.device.type == "cpu")
+    logits, tgt, out_shape = _flatten_problem(input, target, soft, kernel == "native" and input.device.type == "cpu")
     weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
     if needs_grad:
-        loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, opts, inplace_backward, use_native)
+        loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, opts, inplace_backward, kernel)
     else:
-        loss, lse, _ = fused_forward(logits, tgt, weight, opts, False, False, use_native)
+        loss, lse, _ = fused_forward(logits, tgt, weight, opts, False, False, kernel)
         loss = loss.to(input.dtype)
     if opts.reduction == "none" and len(out_shape) != 1:
         loss = loss.reshape(out_shape)
@@ -152,7 +153,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                                                         ignore_index)
     opts = loss_options(reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap)
     soft = _checks.check_targets(input, target, opts.ignore_index, shape=logits_shape)
-    use_native = resolve_impl(impl, input.device)
+    # linear.py takes a bool (the schema of its compiled op): the compiled kernel, or the reference.
+    use_native = resolve_impl(impl, input.device) == "native"
     weight = _checks.check_weight(weight, input, num_classes)
     _checks.check_chunk_size(chunk_size)
     positions = math.prod(out_features)

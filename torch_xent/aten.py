@@ -1,0 +1,314 @@
+"""The fast pure-PyTorch implementation (``impl="aten"``): what runs wherever no compiled kernel is used.
+
+It has the contract of the compiled op ``torch_xent::cross_entropy_forward``: one forward computes the
+loss, the per-row log-sum-exp and (when asked) the gradient d loss / d logits, which the autograd
+Function's backward only scales. It is built from ATen operations, so it runs on any device PyTorch
+supports (CPU, CUDA, MPS, XPU, ...), and it works on a chunk of rows at a time:
+
+- each chunk of logits is read from memory once; every later operation on it finds it in cache (on
+  the CPU a chunk is about ``CPU_CHUNK_BYTES``) and writes at most a chunk-sized temporary, so the
+  temporaries stay within a fixed memory budget whatever the problem size, and the only (M, C) tensor
+  is the gradient itself (none with ``inplace``: the gradient overwrites the logits);
+- there is no dense (M, C) target distribution: a class target enters the gradient as one
+  ``scatter_add_`` per row and label smoothing as a rank-one update;
+- the loss is computed from ``log_softmax`` (``z - m - log sum exp(z - m)`` with the row max ``m``),
+  so logits of magnitude 1e4 keep their digits, as in the kernels and in PyTorch.
+
+Per row, with q the target distribution (docs/gradient.md)::
+
+    loss = -sum_j q_j logp_j + z_loss * lse**2
+    grad = scale * ((sum(q) + 2 z_loss lse) * softmax(z) - q)           (times d softcap / dz)
+
+No host synchronisation on an accelerator: there, a class index outside [0, C) that is not
+``ignore_index`` makes its row's loss and gradient NaN (so the reduced loss is NaN) and nothing is
+read out of bounds; on the CPU it raises PyTorch's ``IndexError``. Under ``torch.compile`` the whole
+problem is one chunk (the compiler fuses the operations and plans their memory itself) and the
+targets are handled as on an accelerator (on the CPU also with the asynchronous assertion of
+``_checks.check_targets_in_range``).
+
+This file shares no code with ``reference.py``, the readable statement of the same mathematics that
+the tests hold it against (and which gives every implementation its double backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_xent._checks import check_targets_in_range, is_compiling
+from torch_xent._options import LossOptions
+
+#: Bytes of logits (in the accumulation dtype) per chunk on the CPU: small enough that a chunk stays
+#: in the L2 cache between the operations that sweep it, large enough that the per-operation overhead
+#: (a few microseconds) is small against the sweep.
+CPU_CHUNK_BYTES = 32 << 20
+#: Bytes per chunk on an accelerator, where every operation is a pass over device memory anyway:
+#: large chunks (few launches) under a fixed bound on the temporaries.
+DEVICE_CHUNK_BYTES = 64 << 20
+#: At most this many logits on the CPU with a plain class target: few operations (see _small_forward).
+SMALL_ELEMENTS = 1 << 14
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _host_reads_allowed(device: torch.device) -> bool:
+    """Values may be read on the host: on the CPU (nothing to wait for), outside torch.compile."""
+    return device.type == "cpu" and not is_compiling()
+
+
+def chunk_rows(num_rows: int, num_classes: int, device: torch.device, acc: torch.dtype) -> int:
+    """Rows per chunk: as many as fit the device's budget of (rows, C) accumulation-dtype logits, at least 1."""
+    budget = CPU_CHUNK_BYTES if device.type == "cpu" else DEVICE_CHUNK_BYTES
+    itemsize = 8 if acc == torch.float64 else 4
+    return max(1, min(num_rows, budget // max(1, num_classes * itemsize)))
+
+
+def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_grad=True, inplace=False,
+                          host_reads=None):
+    """The ``torch_xent::cross_entropy_forward`` op in ATen operations (same inputs and outputs).
+
+    logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64; target: (M,) int64 class
+    indices or (M, C) probabilities in the logits' dtype; weight: (C,) in the logits' dtype or None.
+    Returns (loss, lse, grad): loss (M,) for reduction "none", else 0-d, and lse (M,), both in the
+    accumulation dtype (float32 for the half types); grad (M, C) in the logits' dtype, empty without
+    ``compute_grad``. With ``inplace`` (and ``compute_grad``) the gradient is written into ``logits``
+    and ``grad`` is ``logits``.
+
+    host_reads: whether values may be read on the host (a synchronisation on an accelerator). None
+    decides: on the CPU outside torch.compile. With False the accelerator behaviour runs anywhere:
+    out-of-range targets give NaN rows, ignored rows are masked without looking whether there are any.
+    """
+    num_rows, num_classes = logits.shape
+    dtype = logits.dtype
+    acc = _acc_dtype(dtype)
+    device = logits.device
+    compiling = is_compiling()
+    host = _host_reads_allowed(device) if host_reads is None else bool(host_reads)
+    inplace = inplace and compute_grad
+    soft = target.dtype.is_floating_point
+    if (host and not soft and 0 < num_rows * num_classes <= SMALL_ELEMENTS and not opts.label_smoothing
+            and not opts.z_loss and opts.softcap is None):
+        return _small_forward(logits, target, weight, opts, compute_grad, inplace, acc)
+    eps = opts.label_smoothing
+    z_loss = opts.z_loss
+    zero = torch.zeros((), dtype=acc, device=device)
+    w = None if weight is None else weight.to(acc)
+
+    # Per-row target data, O(M): which rows count, the (clamped) class, its weight, the row's scale.
+    valid = bad = y = wy = None
+    if soft:
+        sum_w = None
+    else:
+        valid = target != opts.ignore_index
+        if host:
+            check_targets_in_range(target, num_classes, opts.ignore_index)
+            y = torch.where(valid, target, 0)
+        else:  # no host read: an out-of-range class is clamped for the gather and its row made NaN
+            if compiling and device.type == "cpu":  # and, as everywhere under compile, an asynchronous assert
+                check_targets_in_range(target, num_classes, opts.ignore_index)
+            in_range = (target >= 0) & (target < num_classes)
+            bad = valid & ~in_range
+            y = torch.where(valid & in_range, target, 0)
+        if w is not None:
+            wy = torch.where(valid, w[y], zero)
+        sum_w = float(num_classes) if w is None else w.sum()
+    scale = _reduction_scale(opts.reduction, soft, valid, wy, num_rows, acc, device)
+    if soft:
+        row_scale = None if scale is None else scale.expand(num_rows)
+    else:
+        row_scale = valid.to(acc) if scale is None else torch.where(valid, scale, zero)
+    if bad is not None:  # NaN through the gradient of an out-of-range row
+        row_scale = torch.where(bad, float("nan"), row_scale)
+    # Ignored rows get an exactly zero gradient even when their logits are not finite.
+    zero_ignored = valid is not None and (not host or not bool(valid.all()))
+
+    grad = None
+    if compute_grad and not compiling:  # under torch.compile the one chunk's result is the gradient
+        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    rows = num_rows if compiling else chunk_rows(num_rows, num_classes, device, acc)
+    # Where the log-probabilities (then the gradient) of a chunk are computed: straight in the
+    # gradient buffer when it has the accumulation dtype and is not the logits themselves.
+    direct = compute_grad and not inplace and dtype == acc and not compiling
+    temps = _Temps(rows, num_classes, acc, device, compiling)
+    losses, lses = [], []
+    # Under torch.compile one chunk, without a loop over symbolic sizes (dynamic=True keeps one graph).
+    bounds = [(0, num_rows)] if compiling else [(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
+    for start, end in bounds:
+        sl = slice(start, end)
+        loss_c, lse_c, grad_c = _chunk(
+            logits[sl], compute_grad, None if grad is None else grad[sl], direct, temps, opts, soft,
+            target[sl], None if y is None else y[sl], None if wy is None else wy[sl], w, sum_w,
+            None if row_scale is None else row_scale[sl],
+            None if not zero_ignored else valid[sl], None if bad is None else bad[sl], eps, z_loss, acc)
+        losses.append(loss_c)
+        lses.append(lse_c)
+        if compute_grad and grad is None and grad_c is not None:
+            grad = grad_c.to(dtype)
+    if not losses:
+        loss_rows = torch.zeros(0, dtype=acc, device=device)
+        lse = torch.zeros(0, dtype=acc, device=device)
+    elif len(losses) == 1:
+        loss_rows, lse = losses[0], lses[0]
+    else:
+        loss_rows, lse = torch.cat(losses), torch.cat(lses)
+    if valid is not None:
+        loss_rows = torch.where(valid, loss_rows, zero)
+        lse = torch.where(valid, lse, zero)
+    if bad is not None:
+        loss_rows = torch.where(bad, float("nan"), loss_rows)
+        lse = torch.where(bad, float("nan"), lse)
+    if opts.reduction == "none":
+        loss = loss_rows
+    elif opts.reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() * scale
+    if grad is None:
+        grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return loss, lse, grad
+
+
+def _small_forward(logits, target, weight, opts, compute_grad, inplace, acc):
+    """A small problem with a plain class target, on the CPU: the time is the per-operation overhead,
+    so it takes the fewest operations, ATen's own log_softmax and nll_loss kernels (with PyTorch's
+    target check and message); the (M, C) temporaries are at most SMALL_ELEMENTS."""
+    x = logits if logits.dtype == acc else logits.to(acc)
+    w = None if weight is None else weight.to(acc)
+    code = {"none": 0, "mean": 1, "sum": 2}[opts.reduction]
+    lp = torch._log_softmax(x, 1, False)
+    loss, total_weight = torch.ops.aten.nll_loss_forward.default(lp, target, w, code, opts.ignore_index)
+    lse = x.amax(1) - lp.amax(1)  # as in _chunk (torch.logsumexp gives inf, not NaN, for a +inf logit)
+    valid = target != opts.ignore_index
+    ignored = not bool(valid.all())
+    if ignored:
+        lse = torch.where(valid, lse, 0.0)
+    if not compute_grad:
+        return loss, lse, logits.new_empty(0)
+    upstream = lp.new_ones(loss.shape)
+    g = torch.ops.aten.nll_loss_backward.default(upstream, lp, target, w, code, opts.ignore_index, total_weight)
+    g = torch._log_softmax_backward_data(g, lp, 1, acc)  # g - softmax * sum(g): (scale * w_y) (p - onehot)
+    if ignored:  # exactly 0, even for non-finite logits
+        g.masked_fill_(~valid.unsqueeze(1), 0.0)
+    if inplace:
+        logits.copy_(g)
+        return loss, lse, logits
+    return loss, lse, (g if g.dtype == logits.dtype else g.to(logits.dtype))
+
+
+def _reduction_scale(reduction, soft, valid, wy, num_rows, acc, device):
+    """1 / the mean's denominator as a 0-d tensor (PyTorch's: the summed weights of the counted rows
+    for class indices, the number of rows for probabilities; 0/0 stays NaN), None for "none" / "sum"."""
+    if reduction != "mean":
+        return None
+    if soft:
+        return torch.full((), 1.0 / num_rows if num_rows else float("nan"), dtype=acc, device=device)
+    denom = valid.sum().to(acc) if wy is None else wy.sum()
+    return 1.0 / denom
+
+
+class _Temps:
+    """Chunk-sized scratch buffers, allocated once per call and reused by every chunk (under
+    torch.compile none: the compiler plans the memory)."""
+
+    def __init__(self, rows, cols, dtype, device, compiling):
+        self.shape, self.dtype, self.device, self.off = (rows, cols), dtype, device, compiling
+        self.bufs = {}
+
+    def get(self, name, rows):
+        if self.off:
+            return None
+        buf = self.bufs.get(name)
+        if buf is None:
+            buf = self.bufs[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return buf[:rows]
+
+
+def _chunk(z, want_grad, g, direct, temps, opts, soft, t, y, wy, w, sum_w, row_scale, valid, bad, eps, z_loss,
+           acc):
+    """One chunk of rows: returns (loss (r,), lse (r,), grad) in ``acc``. With ``want_grad`` the
+    chunk's gradient is written into ``g`` (which may be ``z`` itself: the in-place variant) and
+    returned; without ``g`` (under torch.compile) it is returned in ``acc``."""
+    r, c = z.shape
+    if r == 0:
+        return z.new_zeros(0, dtype=acc), z.new_zeros(0, dtype=acc), None
+    # x: the (soft-capped) logits in the accumulation dtype.
+    dcap = None
+    if opts.softcap is not None:
+        cap = opts.softcap
+        x = _into(temps.get("x", r), z, acc)
+        x.div_(cap).tanh_()
+        dcap = torch.mul(x, x, out=temps.get("dcap", r)) if not temps.off else x * x
+        dcap.neg_().add_(1.0)
+        x.mul_(cap)
+    elif z.dtype != acc:
+        x = _into(temps.get("x", r), z, acc)
+    else:
+        x = z
+    m = x.amax(1)
+    lp = g if direct else temps.get("lp", r)
+    if lp is None:
+        lp = torch._log_softmax(x, 1, False)
+    else:
+        torch._log_softmax(x, 1, False, out=lp)
+    # lp = (x - m) - log sum exp(x - m) is largest, -log sum exp(x - m), at the max: lse without a
+    # rounding of m + log_sum in the log-probabilities (amax is several times cheaper than max + argmax).
+    lse = m - lp.amax(1)
+
+    # loss = -sum_j q_j lp_j (+ z-loss); s = sum_j q_j
+    if soft:
+        q = _into(temps.get("q", r), t, acc)
+        if eps:
+            q.mul_(1.0 - eps).add_(eps / c)
+        if w is not None:
+            q.mul_(w)
+        s = q.sum(1)
+        qlp = torch.mul(q, lp, out=temps.get("qlp", r)) if not temps.off else q * lp
+        qlp = torch.where(q != 0, qlp, 0.0)  # a class of probability 0 counts for nothing, even at -inf
+        loss = -qlp.sum(1)
+    else:
+        lp_y = lp.gather(1, y.unsqueeze(1)).squeeze(1)
+        target_w = (1.0 - eps) if wy is None else (1.0 - eps) * wy
+        loss = -target_w * lp_y
+        s = target_w
+        if eps:
+            smooth = lp.sum(1) if w is None else lp @ w
+            loss = loss - (eps / c) * smooth
+            s = s + (eps / c) * sum_w
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    if not want_grad:
+        return loss, lse, None
+
+    # grad = row_scale * ((s + 2 z_loss lse) * p - q) * dcap
+    coef = s + 2.0 * z_loss * lse if z_loss else s
+    coef = coef * row_scale if row_scale is not None else coef  # a tensor (r,): s is one for class targets
+    p = lp.exp_()
+    p.mul_(coef.unsqueeze(1))
+    if soft:
+        if row_scale is not None:
+            q.mul_(row_scale.unsqueeze(1))
+        p.sub_(q)
+    else:  # class targets always have a row scale (0 for ignored rows)
+        p.scatter_add_(1, y.unsqueeze(1), (-target_w * row_scale).unsqueeze(1))
+        if eps:
+            if w is None:
+                p.sub_(row_scale.unsqueeze(1), alpha=eps / c)
+            else:
+                p.addr_(row_scale, w, alpha=-eps / c)
+    if dcap is not None:
+        p.mul_(dcap)
+    if valid is not None:  # ignored rows: exactly 0, even for non-finite logits
+        p.masked_fill_(~valid.unsqueeze(1), 0.0)
+    if bad is not None:
+        p.masked_fill_(bad.unsqueeze(1), float("nan"))
+    if g is not None and p is not g:
+        g.copy_(p)
+    return loss, lse, p
+
+
+def _into(buf, src, dtype):
+    """src converted to ``dtype``, in ``buf`` when one is given (a fresh tensor under torch.compile)."""
+    if buf is None:
+        return src.to(dtype, copy=True)
+    return buf.copy_(src)
