@@ -27,7 +27,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import torch_xent
 
