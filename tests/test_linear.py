@@ -10,7 +10,7 @@ from helpers import TOL, expected_loss
 from torch_xent import LinearCrossEntropyLoss, linear_cross_entropy
 from torch_xent.linear import CHUNK_BYTES, MIN_CHUNK_ROWS, default_chunk_rows
 
-IMPLS = ["reference"] + (["native"] if torch_xent.native_available("cpu") else [])
+IMPLS = ["aten", "reference"] + (["native"] if torch_xent.native_available("cpu") else [])
 N, D, V = 37, 16, 50
 
 CASES = {

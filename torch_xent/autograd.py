@@ -23,8 +23,6 @@ def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inpla
     Returns (loss in the accumulation dtype, lse (M,), grad (M, C) or None). With ``inplace`` the
     gradient is written into ``logits`` itself and ``grad`` is ``logits``.
     """
-    if kernel is True or kernel is False:  # linear.py hands a bool: the compiled kernel or the reference
-        kernel = "native" if kernel else "reference"
     if kernel == "native":
         ops = torch.ops.torch_xent
         args = (target, weight, opts.reduction_code, opts.ignore_index, opts.label_smoothing, opts.z_loss,

@@ -154,7 +154,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     opts = loss_options(reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap)
     soft = _checks.check_targets(input, target, opts.ignore_index, shape=logits_shape)
     # linear.py takes a bool (the schema of its compiled op): the compiled kernel, or the reference.
-    use_native = resolve_impl(impl, input.device) == "native"
+    kernel = resolve_impl(impl, input.device)
     weight = _checks.check_weight(weight, input, num_classes)
     _checks.check_chunk_size(chunk_size)
     positions = math.prod(out_features)
@@ -170,7 +170,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         if y.device.type == "cpu":  # a cheap check up front, before any work (on CUDA it would synchronise)
             _checks.check_targets_in_range(y, num_classes, opts.ignore_index)
     rows = linear.chunk_rows_for(options, chunk_size, n, in_features, num_classes * positions, x.dtype)
-    prob = linear.LinearProblem(num_classes, positions, soft, rows, use_native,
+    prob = linear.LinearProblem(num_classes, positions, soft, rows, kernel,
                                 linear.half_accumulates_in_float32(options, x.dtype))
     grad_inputs = (input, linear_weight, linear_bias, target if soft else None)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs):

@@ -141,7 +141,7 @@ class LinearProblem(NamedTuple):
     positions: int  # P = prod(out_features): 1 for a plain classifier
     soft: bool  # class probabilities instead of class indices
     chunk_rows: int
-    use_native: bool
+    kernel: str  # what turns each chunk's logits into loss and gradient: "native", "aten" or "reference"
     half_acc_float32: bool  # half inputs: grad_W / grad_b accumulate over the chunks in float32
 
 
@@ -202,7 +202,7 @@ def chunked_pass(x, w, b, y, weight, opts: LossOptions, prob: LinearProblem, row
         if grad_t is not None:  # before the kernel overwrites the logits with their gradient
             gt = reference.target_gradient(zr, yr, weight, opts.label_smoothing, opts.softcap, rs).to(dtype)
             _to_class_position_(grad_t[s:e], gt, c_cls, p)
-        loss, _, g = fused_forward(zr, yr, weight, chunk_opts, grad_z, grad_z, prob.use_native)
+        loss, _, g = fused_forward(zr, yr, weight, chunk_opts, grad_z, grad_z, prob.kernel)
         if per_row_loss:
             losses[s * p:e * p] = loss
         else:
@@ -265,13 +265,13 @@ def _empty_for_none(t, like):
 def _chunked_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor,
                 weight: Optional[torch.Tensor], row_scale: Optional[torch.Tensor], reduction: str, ignore_index: int,
                 label_smoothing: float, z_loss: float, softcap: float, num_classes: int, positions: int, soft: bool,
-                chunk_rows: int, use_native: bool, half_acc_float32: bool, need_x: bool, need_w: bool, need_b: bool,
+                chunk_rows: int, kernel: str, half_acc_float32: bool, need_x: bool, need_w: bool, need_b: bool,
                 need_t: bool, per_row_loss: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                            torch.Tensor]:
     """:func:`chunked_pass` as one opaque op for torch.compile (the chunk loop is not traced, so
     the graph does not depend on the number of rows); missing gradients come back empty."""
     opts = LossOptions(reduction, ignore_index, label_smoothing, z_loss, softcap or None)
-    prob = LinearProblem(num_classes, positions, soft, chunk_rows, use_native, half_acc_float32)
+    prob = LinearProblem(num_classes, positions, soft, chunk_rows, kernel, half_acc_float32)
     loss, gx, gw, gb, gt = chunked_pass(x, w, b, y, weight, opts, prob, row_scale, (need_x, need_w, need_b, need_t),
                                         per_row_loss)
     gw = _finish(gw)
@@ -281,7 +281,7 @@ def _chunked_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: 
 
 @_chunked_op.register_fake
 def _(x, w, b, y, weight, row_scale, reduction, ignore_index, label_smoothing, z_loss, softcap, num_classes,
-      positions, soft, chunk_rows, use_native, half_acc_float32, need_x, need_w, need_b, need_t, per_row_loss):
+      positions, soft, chunk_rows, kernel, half_acc_float32, need_x, need_w, need_b, need_t, per_row_loss):
     acc = acc_dtype(x.dtype)
     loss = x.new_empty((x.shape[0] * positions,) if per_row_loss else (), dtype=acc)
     grads = row_scale is not None
@@ -299,7 +299,7 @@ def _sweep(x, w, b, y, weight, opts, prob, row_scale, needs, per_row_loss, compi
         return chunked_pass(x, w, b, y, weight, opts, prob, row_scale, needs, per_row_loss)
     out = _chunked_op(x, w, b, y, weight, row_scale, opts.reduction, opts.ignore_index, opts.label_smoothing,
                       opts.z_loss, opts.softcap_value, prob.num_classes, prob.positions, prob.soft, prob.chunk_rows,
-                      prob.use_native, prob.half_acc_float32, *needs, per_row_loss)
+                      prob.kernel, prob.half_acc_float32, *needs, per_row_loss)
     loss, *grads = out
     return (loss, *[g if need and row_scale is not None else None for g, need in zip(grads, needs)])
 

@@ -238,14 +238,14 @@ def apply_torch_xent(model, *, fused_linear=True, label_smoothing=0.0, z_loss=0.
             empty ``(batch, seq, 0)`` tensor). False: the head computes the logits as usual and only the
             loss is torch_xent's.
         label_smoothing, z_loss: passed to the loss (transformers' own loss has neither).
-        impl: ``"auto"``, ``"native"`` or ``"reference"``, as in :func:`torch_xent.cross_entropy`.
+        impl: ``"auto"``, ``"native"``, ``"aten"`` or ``"reference"``, as in :func:`torch_xent.cross_entropy`.
 
     The config's ``final_logit_softcapping`` (Gemma2) is applied by the fused loss as ``softcap``, as
     the model's forward applies it to its logits. Calling it again on a patched model replaces the
     options; :func:`remove_torch_xent` undoes it. Raises ValueError for a model that is not covered.
     """
-    if impl not in ("auto", "native", "reference"):
-        raise ValueError(f"impl must be 'auto', 'native' or 'reference', got {impl!r}")
+    if impl not in ("auto", "native", "aten", "reference"):
+        raise ValueError(f"impl must be 'auto', 'native', 'aten' or 'reference', got {impl!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if not float(z_loss) >= 0.0:
