@@ -95,6 +95,37 @@ def make_problem(shape, dtype=torch.float64, device="cpu", opts=None, seed=0):
     return logits, target, weight
 
 
+def edge_value_problem(c, dtype, device="cpu"):
+    """(logits (9, C), target (9,)) whose rows are the edge values: 0 a +inf logit (NaN row), 1 a NaN
+    (NaN row), 2 all -inf (NaN row), 3 -inf at a non-target class (finite, gradient 0 there), 4 -inf
+    at the target (inf loss), 5 an ignored row of NaN (counts for nothing, gradient 0), 6 logits of
+    magnitude 1e4 (1e3 in float16), 7-8 ordinary rows. C >= 6."""
+    logits = torch.randn(9, c, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, c, (9,))
+    logits[0, 5] = float("inf")
+    logits[1, 3] = float("nan")
+    logits[2, :] = float("-inf")
+    target[3] = 1
+    logits[3, 4] = float("-inf")
+    target[4] = 2
+    logits[4, 2] = float("-inf")
+    target[5] = -100
+    logits[5, :] = float("nan")
+    logits[6] = logits[6].double().mul(1e4).to(dtype) if dtype != torch.float16 else logits[6] * 1e3
+    return logits.to(device), target.to(device)
+
+
+def minus_inf_chunks_problem(dtype, device="cpu"):
+    """(logits (4, 6000), target, weight): rows whose first 4500 logits are -inf (whole chunks of it),
+    row 1 shifted by +1e4 and row 2 by -1e4 (exact in float32), row 0's target past the -inf part."""
+    logits, target, weight = make_problem((4, 6000), dtype, device, {"weight": True})
+    logits[:, :4500] = float("-inf")
+    logits[1] += 10000.0
+    logits[2] -= 10000.0
+    target[0] = 4600
+    return logits, target, weight
+
+
 def loss_kwargs(opts) -> dict:
     """The keyword arguments of torch_xent.cross_entropy that an options dict names."""
     return {k: opts[k] for k in ("ignore_index", "label_smoothing", "z_loss", "softcap", "reduction") if k in opts}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import torch_xent
-from helpers import DTYPES, assert_close, assert_matches_reference, make_problem, op_args, op_options
+from helpers import edge_value_problem, minus_inf_chunks_problem, DTYPES, assert_close, assert_matches_reference, make_problem, op_args, op_options
 from torch_xent import LossOptions, reference
 
 ops = torch.ops.torch_xent
@@ -70,11 +70,7 @@ def test_forward_matches_reference(device, dtype, shape, option):
 def test_chunks_of_minus_inf_and_huge_logits(device):
     """Long rows whose first chunks are entirely -inf, and logits of magnitude 1e4 (exact in float32)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        logits, target, weight = make_problem((4, 6000), dtype, device, {"weight": True})
-        logits[:, :4500] = float("-inf")
-        logits[1] += 10000.0
-        logits[2] -= 10000.0
-        target[0] = 4600
+        logits, target, weight = minus_inf_chunks_problem(dtype, device)
         for opts in ({}, {"label_smoothing": 0.1}, {"label_smoothing": 0.1, "weight": True}):
             w = weight if opts.get("weight") else None
             for reduction in (0, 1):
@@ -92,19 +88,7 @@ def test_chunks_of_minus_inf_and_huge_logits(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("c", [6, 40])  # the few-classes path and the general one
 def test_edge_values(device, dtype, c):
-    logits = torch.randn(9, c, dtype=torch.float64).to(dtype)
-    target = torch.randint(0, c, (9,))
-    logits[0, 5] = float("inf")                 # +inf: NaN row
-    logits[1, 3] = float("nan")                 # NaN: NaN row
-    logits[2, :] = float("-inf")                # all -inf: NaN row
-    target[3] = 1
-    logits[3, 4] = float("-inf")                # -inf at a non-target class: finite, grad 0 there
-    target[4] = 2
-    logits[4, 2] = float("-inf")                # -inf at the target: inf loss
-    target[5] = -100
-    logits[5, :] = float("nan")                 # ignored row of NaN: counts for nothing, grad 0
-    logits[6] = logits[6].double().mul(1e4).to(dtype) if dtype != torch.float16 else logits[6] * 1e3
-    logits, target = logits.to(device), target.to(device)
+    logits, target = edge_value_problem(c, dtype, device)
     for reduction in (0, 1, 2):
         for opts in ({}, {"label_smoothing": 0.2}, {"z_loss": 1e-3}):
             out = ops.cross_entropy_forward(logits, target, None, reduction, *op_args(opts), True)
