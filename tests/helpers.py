@@ -100,8 +100,9 @@ def edge_value_problem(c, dtype, device="cpu"):
     (NaN row), 2 all -inf (NaN row), 3 -inf at a non-target class (finite, gradient 0 there), 4 -inf
     at the target (inf loss), 5 an ignored row of NaN (counts for nothing, gradient 0), 6 logits of
     magnitude 1e4 (1e3 in float16), 7-8 ordinary rows. C >= 6."""
-    logits = torch.randn(9, c, dtype=torch.float64).to(dtype)
-    target = torch.randint(0, c, (9,))
+    gen = torch.Generator().manual_seed(c)  # fixed: the same rows whatever ran before
+    logits = torch.randn(9, c, generator=gen, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, c, (9,), generator=gen)
     logits[0, 5] = float("inf")
     logits[1, 3] = float("nan")
     logits[2, :] = float("-inf")
