@@ -59,7 +59,7 @@ def extension_modules():
         say("no C++ compiler found: installing pure Python")
         return [], {}
 
-    sources = [os.path.join("csrc", "xent.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources = [os.path.relpath(os.path.join(ROOT, s), ROOT) for s in sources]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-fvisibility=hidden"]

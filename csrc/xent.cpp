@@ -55,6 +55,11 @@ TORCH_LIBRARY(torch_xent, m) {
   m.def(
       "cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)");
+  // The loss alone, with its autograd node in C++ (xent_autograd.cpp): 2-D logits and class-index
+  // targets, without z_loss or softcap. Private: functional.py calls it in eager mode only.
+  m.def(
+      "_cross_entropy_loss(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+      "float label_smoothing) -> Tensor");
   // Scales a stored gradient by grad_output (a 0-d tensor, or (M,) / (N, S) per row for `none`).
   m.def("cross_entropy_backward(Tensor grad, Tensor grad_output) -> Tensor");
   // Which accelerator kernels were compiled in: -1 for none, else the CUDA major.minor as 100*major+minor.

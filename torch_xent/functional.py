@@ -15,7 +15,8 @@ import torch
 from torch_xent import _checks
 from torch_xent._native import resolve_impl
 from torch_xent._options import LossOptions, loss_options
-from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward
+from torch_xent._checks import is_compiling
+from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward, is_batched
 
 
 # The CPU kernel's K-dim layout compares class indices in float32 lanes: exact below 2**24.
@@ -92,16 +93,32 @@ def cross_entropy_with_lse(input, target, weight=None, ignore_index=-100, reduct
     probability of the target class = exp(z_y - lse)) at no extra pass over the logits.
     """
     opts = loss_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
-    return _cross_entropy(input, target, weight, opts, inplace_backward, impl)
+    return _cross_entropy(input, target, weight, opts, inplace_backward, impl, with_lse=True)
 
 
-def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, impl):
+def _native_node_applies(kernel, logits, soft, opts, inplace_backward) -> bool:
+    """Whether the C++ autograd node (``torch_xent::_cross_entropy_loss``, csrc/xent_autograd.cpp)
+    runs instead of the Python Function: the native CPU kernel on 2-D rows with class-index targets,
+    without the options the node does not carry, in eager mode on plain tensors (torch.compile and
+    functorch transforms get the Python Function, which they know how to trace)."""
+    return (kernel == "native" and logits.dim() == 2 and not soft and not inplace_backward and not opts.z_loss
+            and opts.softcap is None and logits.device.type == "cpu" and not is_compiling()
+            and not is_batched(logits))
+
+
+def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, impl, with_lse=False):
     _checks.check_logits(input)
     kernel = resolve_impl(impl, input.device)
     soft = _checks.check_targets(input, target, opts.ignore_index)
     logits, tgt, out_shape = _flatten_problem(input, target, soft, kernel == "native" and input.device.type == "cpu")
     weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
+    if needs_grad and not with_lse and _native_node_applies(kernel, logits, soft, opts, inplace_backward):
+        loss = torch.ops.torch_xent._cross_entropy_loss(logits, tgt, weight, opts.reduction_code, opts.ignore_index,
+                                                        opts.label_smoothing)
+        if opts.reduction == "none" and len(out_shape) != 1:
+            loss = loss.reshape(out_shape)
+        return loss, None
     if needs_grad:
         loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, opts, inplace_backward, kernel)
     else:
