@@ -318,3 +318,57 @@ def test_auto_without_a_kernel_runs_aten(monkeypatch):
     loss = torch_xent.cross_entropy(x, torch.tensor([0, 1, 2, 0]))
     assert calls == [(4, 3)]
     assert_close(loss, F.cross_entropy(x, torch.tensor([0, 1, 2, 0])), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small CPU problems: PyTorch's own loss (aten.runs_torch_loss), and which calls keep the fused code.
+
+SMALL_CASES = {
+    "2d": ((150, 3), {}, {}),
+    "weighted-smoothed-ignore": ((64, 10), {"weight": True, "ignore_index": 2}, {"label_smoothing": 0.1}),
+    "kdim": ((4, 5, 3, 7), {}, {"reduction": "none"}),
+    "unbatched": ((7,), {}, {"reduction": "sum"}),
+    "soft": ((32, 6), {"soft": True}, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMALL_CASES))
+def test_small_cpu_problems_run_torch_loss(case, monkeypatch):
+    monkeypatch.setattr(aten, "TORCH_LOSS_ELEMENTS", aten.SMALL_ELEMENTS)  # the default, which conftest turns off
+    shape, problem, kw = SMALL_CASES[case]
+    x0, target, weight = make_problem(shape, torch.float64, opts=problem, seed=3)
+    kw = dict(kw, weight=weight)
+    if "ignore_index" in problem:
+        kw["ignore_index"] = problem["ignore_index"]
+    x = x0.clone().requires_grad_()
+    loss = torch_xent.cross_entropy(x, target, impl="aten", **kw)
+    assert "SoftmaxCrossEntropyFunction" not in type(loss.grad_fn).__name__
+    x_ref = x0.clone().requires_grad_()
+    expected = F.cross_entropy(x_ref, target, **kw)
+    assert_close(loss, expected, torch.float64, "loss")
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    (g_ref,) = torch.autograd.grad(expected.sum(), x_ref)
+    assert_close(g, g_ref, torch.float64, "grad", kind="grad")
+    with torch.no_grad():
+        assert_close(torch_xent.cross_entropy(x0, target, impl="aten", **kw), expected, torch.float64, "no-grad loss")
+
+
+@pytest.mark.parametrize("call", ["z_loss", "softcap", "with_lse", "inplace_backward", "large"])
+def test_small_problem_keeps_the_fused_code_where_torch_cannot(call, monkeypatch):
+    monkeypatch.setattr(aten, "TORCH_LOSS_ELEMENTS", aten.SMALL_ELEMENTS)
+    rows = aten.SMALL_ELEMENTS // 10 + 1 if call == "large" else 16
+    x = torch.randn(rows, 10, requires_grad=True) * 1.0  # not a leaf: inplace_backward may overwrite it
+    t = torch.randint(0, 10, (rows,))
+    kw = {"z_loss": {"z_loss": 1e-3}, "softcap": {"softcap": 5.0}, "inplace_backward": {"inplace_backward": True}}
+    if call == "with_lse":
+        loss, _ = torch_xent.cross_entropy_with_lse(x, t, impl="aten")
+    else:
+        loss = torch_xent.cross_entropy(x, t, impl="aten", **kw.get(call, {}))
+    assert "SoftmaxCrossEntropyFunction" in type(loss.grad_fn).__name__
+
+
+def test_small_problem_out_of_range_target_raises_like_torch(monkeypatch):
+    monkeypatch.setattr(aten, "TORCH_LOSS_ELEMENTS", aten.SMALL_ELEMENTS)
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        torch_xent.cross_entropy(x, torch.tensor([0, 7, 1, 2]), impl="aten")

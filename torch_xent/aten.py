@@ -48,6 +48,28 @@ DEVICE_CHUNK_BYTES = 64 << 20
 SMALL_ELEMENTS = 1 << 14
 
 
+#: At most this many logits on the CPU (in eager mode, with PyTorch's own options), the loss is
+#: PyTorch's ``F.cross_entropy`` itself (see runs_torch_loss). The tests set it to 0 to hold this
+#: file's own code against the oracle at every size.
+TORCH_LOSS_ELEMENTS = SMALL_ELEMENTS
+
+
+def runs_torch_loss(logits, opts: LossOptions, inplace_backward) -> bool:
+    """Whether a problem is small enough that the pure-PyTorch path is PyTorch's own loss.
+
+    At a few thousand logits the time of a loss is its per-call overhead, and a Python
+    ``autograd.Function`` alone (tens of microseconds for apply, as much again for the engine's round
+    trip into Python) costs more than the whole eager ``F.cross_entropy``: no composition of ATen
+    operations under a Python Function can keep up, so on the CPU in eager mode the path calls
+    ``F.cross_entropy`` (whose C++ autograd formula is the same gradient). The options it lacks
+    (z_loss, softcap), the lse (``cross_entropy_with_lse``) and ``inplace_backward`` keep this file's
+    fused code; so does torch.compile, where there is no per-call overhead to save, and an
+    accelerator, where an out-of-range target must give NaN rather than a device-side assertion.
+    """
+    return (logits.numel() <= TORCH_LOSS_ELEMENTS and logits.device.type == "cpu" and not opts.z_loss
+            and opts.softcap is None and not inplace_backward and not is_compiling())
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -65,7 +87,7 @@ def chunk_rows(num_rows: int, num_classes: int, device: torch.device, acc: torch
 
 
 def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_grad=True, inplace=False,
-                          host_reads=None):
+                          host_reads=None, need_lse=True):
     """The ``torch_xent::cross_entropy_forward`` op in ATen operations (same inputs and outputs).
 
     logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64; target: (M,) int64 class
@@ -78,6 +100,10 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     host_reads: whether values may be read on the host (a synchronisation on an accelerator). None
     decides: on the CPU outside torch.compile. With False the accelerator behaviour runs anywhere:
     out-of-range targets give NaN rows, ignored rows are masked without looking whether there are any.
+
+    need_lse: False when the caller discards the lse (plain ``cross_entropy``): without z_loss the loss
+    and gradient do not need it, and two sweeps of each chunk (the row max and the log-probabilities'
+    max) are saved; ``lse`` is then an empty tensor.
     """
     num_rows, num_classes = logits.shape
     dtype = logits.dtype
@@ -89,7 +115,8 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     soft = target.dtype.is_floating_point
     if (host and not soft and 0 < num_rows * num_classes <= SMALL_ELEMENTS and not opts.label_smoothing
             and not opts.z_loss and opts.softcap is None):
-        return _small_forward(logits, target, weight, opts, compute_grad, inplace, acc)
+        return _small_forward(logits, target, weight, opts, compute_grad, inplace, acc, need_lse)
+    need_lse = need_lse or bool(opts.z_loss)
     eps = opts.label_smoothing
     z_loss = opts.z_loss
     zero = torch.zeros((), dtype=acc, device=device)
@@ -140,7 +167,7 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
             logits[sl], compute_grad, None if grad is None else grad[sl], direct, temps, opts, soft,
             target[sl], None if y is None else y[sl], None if wy is None else wy[sl], w, sum_w,
             None if row_scale is None else row_scale[sl],
-            None if not zero_ignored else valid[sl], None if bad is None else bad[sl], eps, z_loss, acc)
+            None if not zero_ignored else valid[sl], None if bad is None else bad[sl], eps, z_loss, acc, need_lse)
         losses.append(loss_c)
         lses.append(lse_c)
         if compute_grad and grad is None and grad_c is not None:
@@ -151,13 +178,15 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     elif len(losses) == 1:
         loss_rows, lse = losses[0], lses[0]
     else:
-        loss_rows, lse = torch.cat(losses), torch.cat(lses)
+        loss_rows, lse = torch.cat(losses), (torch.cat(lses) if need_lse else lses[0])
     if valid is not None:
         loss_rows = torch.where(valid, loss_rows, zero)
-        lse = torch.where(valid, lse, zero)
+        if need_lse:
+            lse = torch.where(valid, lse, zero)
     if bad is not None:
         loss_rows = torch.where(bad, float("nan"), loss_rows)
-        lse = torch.where(bad, float("nan"), lse)
+        if need_lse:
+            lse = torch.where(bad, float("nan"), lse)
     if opts.reduction == "none":
         loss = loss_rows
     elif opts.reduction == "sum":
@@ -169,7 +198,7 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     return loss, lse, grad
 
 
-def _small_forward(logits, target, weight, opts, compute_grad, inplace, acc):
+def _small_forward(logits, target, weight, opts, compute_grad, inplace, acc, need_lse=True):
     """A small problem with a plain class target, on the CPU: the time is the per-operation overhead,
     so it takes the fewest operations, ATen's own log_softmax and nll_loss kernels (with PyTorch's
     target check and message); the (M, C) temporaries are at most SMALL_ELEMENTS."""
@@ -178,11 +207,14 @@ def _small_forward(logits, target, weight, opts, compute_grad, inplace, acc):
     code = {"none": 0, "mean": 1, "sum": 2}[opts.reduction]
     lp = torch._log_softmax(x, 1, False)
     loss, total_weight = torch.ops.aten.nll_loss_forward.default(lp, target, w, code, opts.ignore_index)
-    lse = x.amax(1) - lp.amax(1)  # as in _chunk (torch.logsumexp gives inf, not NaN, for a +inf logit)
     valid = target != opts.ignore_index
     ignored = not bool(valid.all())
-    if ignored:
-        lse = torch.where(valid, lse, 0.0)
+    if not need_lse:
+        lse = lp.new_empty(0)
+    else:  # as in _chunk (torch.logsumexp gives inf, not NaN, for a +inf logit)
+        lse = x.amax(1) - lp.amax(1)
+        if ignored:
+            lse = torch.where(valid, lse, 0.0)
     if not compute_grad:
         return loss, lse, logits.new_empty(0)
     upstream = lp.new_ones(loss.shape)
@@ -225,7 +257,7 @@ class _Temps:
 
 
 def _chunk(z, want_grad, g, direct, temps, opts, soft, t, y, wy, w, sum_w, row_scale, valid, bad, eps, z_loss,
-           acc):
+           acc, need_lse=True):
     """One chunk of rows: returns (loss (r,), lse (r,), grad) in ``acc``. With ``want_grad`` the
     chunk's gradient is written into ``g`` (which may be ``z`` itself: the in-place variant) and
     returned; without ``g`` (under torch.compile) it is returned in ``acc``."""
@@ -245,7 +277,6 @@ def _chunk(z, want_grad, g, direct, temps, opts, soft, t, y, wy, w, sum_w, row_s
         x = _into(temps.get("x", r), z, acc)
     else:
         x = z
-    m = x.amax(1)
     lp = g if direct else temps.get("lp", r)
     if lp is None:
         lp = torch._log_softmax(x, 1, False)
@@ -253,7 +284,7 @@ def _chunk(z, want_grad, g, direct, temps, opts, soft, t, y, wy, w, sum_w, row_s
         torch._log_softmax(x, 1, False, out=lp)
     # lp = (x - m) - log sum exp(x - m) is largest, -log sum exp(x - m), at the max: lse without a
     # rounding of m + log_sum in the log-probabilities (amax is several times cheaper than max + argmax).
-    lse = m - lp.amax(1)
+    lse = x.amax(1) - lp.amax(1) if need_lse else lp.new_empty(0)
 
     # loss = -sum_j q_j lp_j (+ z-loss); s = sum_j q_j
     if soft:

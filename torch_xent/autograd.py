@@ -14,14 +14,15 @@ from torch_xent._options import LossOptions
 from torch_xent._checks import is_compiling
 
 
-def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, kernel):
+def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, kernel, need_lse=True):
     """Runs one implementation on a 2-D contiguous (M, C) problem (or, native CPU kernel only, a 3-D
     contiguous (N, C, S) one: K-dim input in its own layout, rows (N, S)): ``kernel`` is "native"
     (the compiled op), "aten" (the fast pure-PyTorch path) or "reference" (the readable one), as
     ``torch_xent._native.resolve_impl`` chose it.
 
     Returns (loss in the accumulation dtype, lse (M,), grad (M, C) or None). With ``inplace`` the
-    gradient is written into ``logits`` itself and ``grad`` is ``logits``.
+    gradient is written into ``logits`` itself and ``grad`` is ``logits``. With ``need_lse=False`` the
+    caller discards the lse: an implementation may skip it (aten does) and return an empty tensor.
     """
     if kernel == "native":
         ops = torch.ops.torch_xent
@@ -40,7 +41,8 @@ def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inpla
             loss, lse, grad = ops.cross_entropy_forward(logits, *args, compute_grad)
         return loss, lse, (grad if compute_grad else None)
     if kernel == "aten":
-        loss, lse, grad = aten.cross_entropy_forward(logits, target, weight, opts, compute_grad, inplace)
+        loss, lse, grad = aten.cross_entropy_forward(logits, target, weight, opts, compute_grad, inplace,
+                                                     need_lse=need_lse)
         return loss, lse, (grad if compute_grad else None)
     if kernel != "reference":
         raise ValueError(f"torch_xent: unknown kernel {kernel!r}; one of 'native', 'aten', 'reference'")
@@ -56,7 +58,7 @@ def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inpla
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """Softmax cross-entropy with a hand-written forward and backward.
 
-    ``apply(logits, target, weight, opts, inplace_backward, kernel)`` -> (loss, lse)
+    ``apply(logits, target, weight, opts, inplace_backward, kernel[, need_lse])`` -> (loss, lse)
 
     - logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64; or, for the native CPU
       kernel, (N, C, S) contiguous (K-dim input with its positions flattened, M = N * S rows whose
@@ -67,6 +69,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     - opts: a :class:`torch_xent.LossOptions` (``torch_xent.loss_options(...)`` checks and builds one);
       the loss is (M,) for reduction "none", else 0-d, in the logits' dtype.
     - kernel: "native", "aten" or "reference" (see :func:`fused_forward`).
+    - need_lse: False when the caller discards the lse (then it may come back empty).
 
     The forward computes d loss / d logits while each row is in cache and keeps it; the backward
     scales it by grad_output in place (not at all when grad_output is 1 on the CPU) and hands the
@@ -79,10 +82,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, opts, inplace_backward, kernel):
+    def forward(ctx, logits, target, weight, opts, inplace_backward, kernel, need_lse=True):
         compute_grad = ctx.needs_input_grad[0]
         inplace = bool(inplace_backward) and compute_grad and not is_compiling()
-        loss, lse, grad = fused_forward(logits, target, weight, opts, compute_grad, inplace, kernel)
+        loss, lse, grad = fused_forward(logits, target, weight, opts, compute_grad, inplace, kernel, need_lse)
         ctx.opts = opts
         ctx.kernel = kernel
         ctx.inplace = inplace
@@ -125,7 +128,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                                                     (grad_output.to(scale.dtype) * scale).reshape(-1)
                                                     if grad_output.dim() else grad_output.to(scale.dtype) * scale)
             grad_target = _from_rows(grad_target, logits).to(target.dtype)
-        return grad_logits, grad_target, None, None, None, None
+        return grad_logits, grad_target, None, None, None, None, None
 
 
 # functorch's predicates for a tensor seen through vmap, looked up once (the backward runs per step).

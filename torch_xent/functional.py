@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from torch_xent import _checks
+from torch_xent import _checks, aten
 from torch_xent._native import resolve_impl
 from torch_xent._options import LossOptions, loss_options
 from torch_xent._checks import is_compiling
@@ -113,19 +114,23 @@ def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, i
     logits, tgt, out_shape = _flatten_problem(input, target, soft, kernel == "native" and input.device.type == "cpu")
     weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
+    if not with_lse and kernel == "aten" and aten.runs_torch_loss(logits, opts, inplace_backward):
+        loss = F.cross_entropy(logits, tgt, weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
+                               label_smoothing=opts.label_smoothing)
+        return (loss.reshape(out_shape) if opts.reduction == "none" else loss), None
     if needs_grad and not with_lse and _native_node_applies(kernel, logits, soft, opts, inplace_backward):
         loss = torch.ops.torch_xent._cross_entropy_loss(logits, tgt, weight, opts.reduction_code, opts.ignore_index,
                                                         opts.label_smoothing)
-        if opts.reduction == "none" and len(out_shape) != 1:
-            loss = loss.reshape(out_shape)
-        return loss, None
+        return (loss.reshape(out_shape) if opts.reduction == "none" else loss), None
     if needs_grad:
-        loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, opts, inplace_backward, kernel)
+        loss, lse = SoftmaxCrossEntropyFunction.apply(logits, tgt, weight, opts, inplace_backward, kernel, with_lse)
     else:
-        loss, lse, _ = fused_forward(logits, tgt, weight, opts, False, False, kernel)
+        loss, lse, _ = fused_forward(logits, tgt, weight, opts, False, False, kernel, with_lse)
         loss = loss.to(input.dtype)
     if opts.reduction == "none" and len(out_shape) != 1:
         loss = loss.reshape(out_shape)
+    if not with_lse:
+        return loss, None
     return loss, (lse if len(out_shape) == 1 else lse.reshape(out_shape))
 
 
