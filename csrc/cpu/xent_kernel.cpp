@@ -125,16 +125,37 @@ double check_class_targets(const int64_t* y, int64_t rows, int64_t classes, int6
   std::vector<int64_t> first_bad(static_cast<size_t>(blocks), -1);
   for_each_block(blocks, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kSumBlock, e = std::min(rows, (b + 1) * kSumBlock);
       double s = 0;
       int64_t bad = -1;
-      for (int64_t i = b * kSumBlock, e = std::min(rows, (b + 1) * kSumBlock); i < e; ++i) {
-        const int64_t t = y[i];
-        if (t == ignore_index) continue;
-        if (t < 0 || t >= classes) {
-          bad = i;
-          break;
+      if (weight == nullptr) {
+        // Without weights the denominator is a count (the same double as summing 1.0s): a loop
+        // without branches, which the compiler vectorises; a bad index, rare, is then looked for.
+        int64_t count = 0;
+        bool any_bad = false;
+        for (int64_t i = i0; i < e; ++i) {
+          const int64_t t = y[i];
+          const bool counted = t != ignore_index;
+          count += counted ? 1 : 0;
+          any_bad = any_bad || (counted && static_cast<uint64_t>(t) >= static_cast<uint64_t>(classes));
         }
-        s += weight != nullptr ? static_cast<double>(weight[t]) : 1.0;
+        s = static_cast<double>(count);
+        for (int64_t i = i0; any_bad && i < e; ++i) {
+          if (y[i] != ignore_index && (y[i] < 0 || y[i] >= classes)) {
+            bad = i;
+            break;
+          }
+        }
+      } else {
+        for (int64_t i = i0; i < e; ++i) {
+          const int64_t t = y[i];
+          if (t == ignore_index) continue;
+          if (t < 0 || t >= classes) {
+            bad = i;
+            break;
+          }
+          s += static_cast<double>(weight[t]);
+        }
       }
       partial[static_cast<size_t>(b)] = s;
       first_bad[static_cast<size_t>(b)] = bad;
@@ -244,16 +265,26 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
 
   const std::vector<int64_t> row_shape = nd ? std::vector<int64_t>{logits.size(0), positions}
                                             : std::vector<int64_t>{rows};
-  Tensor row_loss = at::empty(row_shape, acc_options);
+  // The tasks are rows, or tiles of positions for 3-D logits.
+  const int64_t tasks = nd ? logits.size(0) * ((positions + cpu::kPositionTile - 1) / cpu::kPositionTile) : rows;
+  // A reduced K-dimensional loss needs no per-position loss: the kernel sums each tile's (tiles do
+  // not depend on the thread count), and the tiles' sums are added here in order.
+  const bool tile_sums = nd && reduction != kReductionNone;
+  Tensor row_loss;
+  std::vector<double> tile_loss;
+  if (tile_sums) {
+    tile_loss.resize(static_cast<size_t>(tasks));
+    args.tile_loss = tile_loss.data();
+  } else {
+    row_loss = at::empty(row_shape, acc_options);
+    args.row_loss = row_loss.data_ptr();
+  }
   Tensor lse = at::empty(row_shape, acc_options);
-  args.row_loss = row_loss.data_ptr();
   args.lse = lse.data_ptr();
 
   if (rows > 0) {
     const cpu::RowsFn kernel = rows_kernel();
-    // The tasks are rows, or tiles of positions for 3-D logits; about 32K elements per task, so that
-    // small problems stay on the calling thread.
-    const int64_t tasks = nd ? logits.size(0) * ((positions + cpu::kPositionTile - 1) / cpu::kPositionTile) : rows;
+    // About 32K elements per task, so that small problems stay on the calling thread.
     const int64_t task_elements = nd ? classes * cpu::kPositionTile : classes;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / task_elements);
     if (tasks <= grain) {
@@ -264,8 +295,9 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
   }
 
   if (reduction == kReductionNone) return {row_loss, lse};
-  const double total = acc == at::kDouble ? deterministic_sum(row_loss.data_ptr<double>(), rows)
-                                          : deterministic_sum(row_loss.data_ptr<float>(), rows);
+  const double total = tile_sums ? deterministic_sum(tile_loss.data(), tasks)
+                       : acc == at::kDouble ? deterministic_sum(row_loss.data_ptr<double>(), rows)
+                                            : deterministic_sum(row_loss.data_ptr<float>(), rows);
   Tensor loss = at::empty({}, acc_options);
   if (acc == at::kDouble) {
     *loss.data_ptr<double>() = total * scale;
