@@ -130,15 +130,19 @@ double check_class_targets(const int64_t* y, int64_t rows, int64_t classes, int6
       int64_t bad = -1;
       if (weight == nullptr) {
         // Without weights the denominator is a count (the same double as summing 1.0s): a loop
-        // without branches, which the compiler vectorises; a bad index, rare, is then looked for.
+        // without branches (ignored targets are scattered, a branch on them is mispredicted), on
+        // local copies (the captured references could alias y); a bad index, rare, is then looked for.
+        const int64_t ignore = ignore_index;
+        const uint64_t limit = static_cast<uint64_t>(classes);
         int64_t count = 0;
-        bool any_bad = false;
+        uint64_t bad_bits = 0;
         for (int64_t i = i0; i < e; ++i) {
           const int64_t t = y[i];
-          const bool counted = t != ignore_index;
-          count += counted ? 1 : 0;
-          any_bad = any_bad || (counted && static_cast<uint64_t>(t) >= static_cast<uint64_t>(classes));
+          const uint64_t counted = t != ignore ? 1 : 0;
+          count += static_cast<int64_t>(counted);
+          bad_bits |= counted & (static_cast<uint64_t>(t) >= limit ? 1 : 0);
         }
+        const bool any_bad = bad_bits != 0;
         s = static_cast<double>(count);
         for (int64_t i = i0; any_bad && i < e; ++i) {
           if (y[i] != ignore_index && (y[i] < 0 || y[i] >= classes)) {

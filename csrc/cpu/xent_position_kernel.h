@@ -158,10 +158,11 @@ class PositionKernel {
       }
       bool any_valid = false;
       for (int64_t r = 0; r < npos; ++r) {
+        // Without branches: ignored positions are scattered, a branch on them is mispredicted.
         const int64_t y = target_[out + r];
         const bool valid = y != ignore_index_;
-        any_valid = any_valid || valid;
-        ys[r] = valid ? static_cast<acc_t>(y) : acc_t(-1);
+        any_valid |= valid;
+        ys[r] = static_cast<acc_t>(valid ? y : int64_t(-1));
       }
       for (int64_t r = npos; r < T; ++r) ys[r] = acc_t(-1);
       if (!any_valid) {
