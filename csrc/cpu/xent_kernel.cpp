@@ -4,7 +4,8 @@
 // This file checks the arguments, allocates the outputs, runs one pass over the class targets (range
 // check and the mean's denominator, so that the gradient written during the forward is already
 // final), then runs the row kernel (xent_rows.h, compiled for the best instruction set the CPU has)
-// over the rows in parallel, and sums the per-row losses in a fixed order. Nothing here depends on
+// over the rows in parallel, and sums the per-row losses (for reduced K-dimensional input, the
+// kernel's per-tile sums) in a fixed order. Nothing here depends on
 // the number of threads: the results are the same for a given input whatever it is.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

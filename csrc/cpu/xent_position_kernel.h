@@ -5,12 +5,13 @@
 // the inner loop, the formulas of xent_math.h evaluated one position per lane.
 //
 // A tile is kPositionTile consecutive positions of one batch item. Per tile: a first loop over the
-// classes takes each position's max (reading the tile's logits from memory, and prefetching the
-// next tile's), a second sums exp(zc - max) and the target terms (from cache) and keeps the
+// classes takes each position's max and picks its target's logit and weight (reading the tile's
+// logits from memory, and prefetching the next tiles' logits and targets), a second sums exp(zc - max) and the target terms (from cache) and keeps the
 // exponentials in a per-thread scratch of C x tile values, and a third writes the gradient in the
 // logits' layout. One exp per element (two with a softcap, whose scratch holds the capped logits),
 // one read of the logits from memory and one write of the gradient. Every position is computed by
-// itself, lane-wise, so the result does not depend on how the tiles are split over the threads.
+// itself, lane-wise, so the result does not depend on how the tiles are split over the threads; a
+// reduced loss is summed per tile (no per-position buffer) and the tiles' sums are added in order.
 #pragma once
 
 #include <algorithm>
