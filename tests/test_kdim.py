@@ -117,20 +117,25 @@ def test_op_everything_ignored():
 
 
 @needs_native
-def test_op_deterministic_across_threads():
-    """Bit-identical results for 1 and 2 threads (positions are split over the threads by tiles)."""
-    logits, target, weight = make_problem((3, 19, 1000), torch.float32, opts={"weight": True, "ignore_index": 255})
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("option", ["weight+ignore", "smooth+ignore255", "z_loss+softcap", "soft"])
+def test_op_deterministic_across_threads(dtype, option):
+    """Bit-identical results for 1 and 2 threads (positions are split over the threads by tiles; a
+    reduced loss is summed per tile, then over the tiles in order), for every reduction."""
+    opts = OPTIONS[option]
+    logits, target, weight = make_problem((3, 19, 1000), dtype, opts=opts)
     threads = torch.get_num_threads()
     try:
-        outs = []
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            outs.append(ops.cross_entropy_forward(logits, target, weight, 1, 255, 0.1, 1e-3, 0.0, True))
+        for reduction in (0, 1, 2):
+            outs = []
+            for n in (1, 2, 1):
+                torch.set_num_threads(n)
+                outs.append(ops.cross_entropy_forward(logits, target, weight, reduction, *op_args(opts), True))
+            for out in outs[1:]:
+                for a, b in zip(out, outs[0]):
+                    assert torch.equal(a, b), (option, dtype, reduction)
     finally:
         torch.set_num_threads(threads)
-    for out in outs[1:]:
-        for a, b in zip(out, outs[0]):
-            assert torch.equal(a, b)
 
 
 @needs_native

@@ -42,6 +42,9 @@ struct RowsArgs {
   const void* weight = nullptr;       // (C,) class weights in acc_t, or null
   void* row_loss = nullptr;           // (M,) acc_t out: per-row loss (0 for ignored rows)
   void* lse = nullptr;                // (M,) acc_t out: per-row log-sum-exp (0 for ignored rows)
+  // K-dimensional problems only (positions > 0): row_loss and lse may be null (not wanted); without
+  // row_loss, tile_loss[t] receives the sum of tile t's losses (in double, in position order).
+  double* tile_loss = nullptr;
   int64_t rows = 0;
   int64_t classes = 0;
   int64_t positions = 0;              // 0: (M, C) rows; else S of an (N, C, S) problem

@@ -4,7 +4,8 @@
 // This file checks the arguments, allocates the outputs, runs one pass over the class targets (range
 // check and the mean's denominator, so that the gradient written during the forward is already
 // final), then runs the row kernel (xent_rows.h, compiled for the best instruction set the CPU has)
-// over the rows in parallel, and sums the per-row losses in a fixed order. Nothing here depends on
+// over the rows in parallel, and sums the per-row losses (for reduced K-dimensional input, the
+// kernel's per-tile sums) in a fixed order. Nothing here depends on
 // the number of threads: the results are the same for a given input whatever it is.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -125,16 +126,41 @@ double check_class_targets(const int64_t* y, int64_t rows, int64_t classes, int6
   std::vector<int64_t> first_bad(static_cast<size_t>(blocks), -1);
   for_each_block(blocks, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kSumBlock, e = std::min(rows, (b + 1) * kSumBlock);
       double s = 0;
       int64_t bad = -1;
-      for (int64_t i = b * kSumBlock, e = std::min(rows, (b + 1) * kSumBlock); i < e; ++i) {
-        const int64_t t = y[i];
-        if (t == ignore_index) continue;
-        if (t < 0 || t >= classes) {
-          bad = i;
-          break;
+      if (weight == nullptr) {
+        // Without weights the denominator is a count (the same double as summing 1.0s): a loop
+        // without branches (ignored targets are scattered, a branch on them is mispredicted), on
+        // local copies (the captured references could alias y); a bad index, rare, is then looked for.
+        const int64_t ignore = ignore_index;
+        const uint64_t limit = static_cast<uint64_t>(classes);
+        int64_t count = 0;
+        uint64_t bad_bits = 0;
+        for (int64_t i = i0; i < e; ++i) {
+          const int64_t t = y[i];
+          const uint64_t counted = t != ignore ? 1 : 0;
+          count += static_cast<int64_t>(counted);
+          bad_bits |= counted & (static_cast<uint64_t>(t) >= limit ? 1 : 0);
         }
-        s += weight != nullptr ? static_cast<double>(weight[t]) : 1.0;
+        const bool any_bad = bad_bits != 0;
+        s = static_cast<double>(count);
+        for (int64_t i = i0; any_bad && i < e; ++i) {
+          if (y[i] != ignore_index && (y[i] < 0 || y[i] >= classes)) {
+            bad = i;
+            break;
+          }
+        }
+      } else {
+        for (int64_t i = i0; i < e; ++i) {
+          const int64_t t = y[i];
+          if (t == ignore_index) continue;
+          if (t < 0 || t >= classes) {
+            bad = i;
+            break;
+          }
+          s += static_cast<double>(weight[t]);
+        }
       }
       partial[static_cast<size_t>(b)] = s;
       first_bad[static_cast<size_t>(b)] = bad;
@@ -244,16 +270,26 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
 
   const std::vector<int64_t> row_shape = nd ? std::vector<int64_t>{logits.size(0), positions}
                                             : std::vector<int64_t>{rows};
-  Tensor row_loss = at::empty(row_shape, acc_options);
+  // The tasks are rows, or tiles of positions for 3-D logits.
+  const int64_t tasks = nd ? logits.size(0) * ((positions + cpu::kPositionTile - 1) / cpu::kPositionTile) : rows;
+  // A reduced K-dimensional loss needs no per-position loss: the kernel sums each tile's (tiles do
+  // not depend on the thread count), and the tiles' sums are added here in order.
+  const bool tile_sums = nd && reduction != kReductionNone;
+  Tensor row_loss;
+  std::vector<double> tile_loss;
+  if (tile_sums) {
+    tile_loss.resize(static_cast<size_t>(tasks));
+    args.tile_loss = tile_loss.data();
+  } else {
+    row_loss = at::empty(row_shape, acc_options);
+    args.row_loss = row_loss.data_ptr();
+  }
   Tensor lse = at::empty(row_shape, acc_options);
-  args.row_loss = row_loss.data_ptr();
   args.lse = lse.data_ptr();
 
   if (rows > 0) {
     const cpu::RowsFn kernel = rows_kernel();
-    // The tasks are rows, or tiles of positions for 3-D logits; about 32K elements per task, so that
-    // small problems stay on the calling thread.
-    const int64_t tasks = nd ? logits.size(0) * ((positions + cpu::kPositionTile - 1) / cpu::kPositionTile) : rows;
+    // About 32K elements per task, so that small problems stay on the calling thread.
     const int64_t task_elements = nd ? classes * cpu::kPositionTile : classes;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / task_elements);
     if (tasks <= grain) {
@@ -264,8 +300,9 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
   }
 
   if (reduction == kReductionNone) return {row_loss, lse};
-  const double total = acc == at::kDouble ? deterministic_sum(row_loss.data_ptr<double>(), rows)
-                                          : deterministic_sum(row_loss.data_ptr<float>(), rows);
+  const double total = tile_sums ? deterministic_sum(tile_loss.data(), tasks)
+                       : acc == at::kDouble ? deterministic_sum(row_loss.data_ptr<double>(), rows)
+                                            : deterministic_sum(row_loss.data_ptr<float>(), rows);
   Tensor loss = at::empty({}, acc_options);
   if (acc == at::kDouble) {
     *loss.data_ptr<double>() = total * scale;

@@ -5,12 +5,13 @@
 // the inner loop, the formulas of xent_math.h evaluated one position per lane.
 //
 // A tile is kPositionTile consecutive positions of one batch item. Per tile: a first loop over the
-// classes takes each position's max (reading the tile's logits from memory, and prefetching the
-// next tile's), a second sums exp(zc - max) and the target terms (from cache) and keeps the
+// classes takes each position's max and picks its target's logit and weight (reading the tile's
+// logits from memory, and prefetching the next tiles' logits and targets), a second sums exp(zc - max) and the target terms (from cache) and keeps the
 // exponentials in a per-thread scratch of C x tile values, and a third writes the gradient in the
 // logits' layout. One exp per element (two with a softcap, whose scratch holds the capped logits),
 // one read of the logits from memory and one write of the gradient. Every position is computed by
-// itself, lane-wise, so the result does not depend on how the tiles are split over the threads.
+// itself, lane-wise, so the result does not depend on how the tiles are split over the threads; a
+// reduced loss is summed per tile (no per-position buffer) and the tiles' sums are added in order.
 #pragma once
 
 #include <algorithm>
@@ -55,6 +56,7 @@ class PositionKernel {
         weight_(static_cast<const acc_t*>(a.weight)),
         row_loss_(static_cast<acc_t*>(a.row_loss)),
         lse_(static_cast<acc_t*>(a.lse)),
+        tile_loss_(a.tile_loss),
         ignore_index_(a.ignore_index),
         eps_(static_cast<acc_t>(a.label_smoothing)),
         smooth_(static_cast<acc_t>(a.label_smoothing / static_cast<double>(a.classes))),
@@ -73,7 +75,7 @@ class PositionKernel {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / tiles_per_item_;
       const int64_t s0 = (t % tiles_per_item_) * T;
-      tile(n, s0, std::min(T, S_ - s0));
+      tile(t, n, s0, std::min(T, S_ - s0));
     }
   }
 
@@ -120,8 +122,25 @@ class PositionKernel {
     for (int i = 0; i < NV; ++i) q[i] = at::vec::fmadd(q[i], a, b) * vw;
   }
 
-  // The positions [s0, s0 + npos) of batch item n.
-  void tile(int64_t n, int64_t s0, int64_t npos) {
+  // The per-position outputs of a tile: the loss, or (without row_loss) its sum over the tile in
+  // double, in position order; the lse unless it is not wanted.
+  XENT_INLINE void write_outputs(int64_t t, int64_t out, int64_t npos, const acc_t* loss, const acc_t* lse) {
+    if (row_loss_ != nullptr) {
+      for (int64_t r = 0; r < npos; ++r) row_loss_[out + r] = loss[r];
+    } else {
+      // Eight independent sums (one dependent chain of 64 double additions would cost a tenth of
+      // the tile), combined in a fixed order.
+      double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t r = 0; r < npos; ++r) part[r % 8] += static_cast<double>(loss[r]);
+      tile_loss_[t] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    }
+    if (lse_ != nullptr) {
+      for (int64_t r = 0; r < npos; ++r) lse_[out + r] = lse[r];
+    }
+  }
+
+  // Tile t: the positions [s0, s0 + npos) of batch item n.
+  void tile(int64_t t_index, int64_t n, int64_t s0, int64_t npos) {
     const int64_t base = n * C_ * S_ + s0;  // element (n, 0, s0)
     const scalar_t* z = logits_ + base;
     const scalar_t* t = kProb ? prob_ + base : nullptr;
@@ -129,27 +148,27 @@ class PositionKernel {
     const int64_t out = n * S_ + s0;  // the positions' index in the (N, S) outputs
     acc_t* scratch = scratch_;
 
-    // Class targets: each position's class (0 where ignored or past npos), its weight and whether
-    // it counts. A tile where nothing counts is not even read, like an ignored row.
-    alignas(64) acc_t ys[T], wys[T], zys[T], valids[T];
+    // Class targets: each position's class, or -1 where it is ignored or past npos (so that no class
+    // matches it). A tile where nothing counts is not even read, like an ignored row.
+    alignas(64) acc_t ys[T];
     if constexpr (!kProb) {
-      bool any_valid = false;
-      for (int64_t r = 0; r < T; ++r) {
-        const int64_t y = r < npos ? target_[out + r] : ignore_index_;
-        const bool valid = r < npos && y != ignore_index_;
-        const int64_t yc = valid ? y : 0;
-        any_valid = any_valid || valid;
-        ys[r] = static_cast<acc_t>(yc);
-        wys[r] = valid ? class_weight(yc) : acc_t(0);
-        // Read before an in-place gradient overwrites it.
-        zys[r] = valid ? softcap_value(static_cast<acc_t>(z[yc * S_ + r]), cap_) : acc_t(0);
-        valids[r] = valid ? acc_t(1) : acc_t(0);
+      // The targets are one more stream next to the C of the logits: prefetched like them.
+      if (s0 + kPrefetchTiles * T < S_) {
+        const char* ahead = reinterpret_cast<const char*>(target_ + out + kPrefetchTiles * T);
+        for (int64_t off = 0; off < T * int64_t(sizeof(int64_t)); off += 64) __builtin_prefetch(ahead + off);
       }
+      bool any_valid = false;
+      for (int64_t r = 0; r < npos; ++r) {
+        // Without branches: ignored positions are scattered, a branch on them is mispredicted.
+        const int64_t y = target_[out + r];
+        const bool valid = y != ignore_index_;
+        any_valid |= valid;
+        ys[r] = static_cast<acc_t>(valid ? y : int64_t(-1));
+      }
+      for (int64_t r = npos; r < T; ++r) ys[r] = acc_t(-1);
       if (!any_valid) {
-        for (int64_t r = 0; r < npos; ++r) {
-          row_loss_[out + r] = 0;
-          lse_[out + r] = 0;
-        }
+        alignas(64) acc_t zeros[T] = {};
+        write_outputs(t_index, out, npos, zeros, zeros);
         if constexpr (kGrad) {
           for (int64_t j = 0; j < C_; ++j) {
             std::memset(static_cast<void*>(g + j * S_), 0, static_cast<size_t>(npos) * sizeof(scalar_t));
@@ -159,9 +178,21 @@ class PositionKernel {
       }
     }
 
-    // Pass 1: the max of the (capped) logits of each position.
-    Vec m[NV];
-    for (int i = 0; i < NV; ++i) m[i] = Vec(-std::numeric_limits<acc_t>::infinity());
+    // Pass 1: the max of the (capped) logits of each position and, for class targets, the target's
+    // (capped) logit and weight, picked lane by lane as the classes go by (read here, before an
+    // in-place gradient overwrites them; a gather from C rows S elements apart would be a scalar
+    // load per position).
+    Vec m[NV], yv[NV], zy[NV], wy[NV];
+    for (int i = 0; i < NV; ++i) {
+      m[i] = Vec(-std::numeric_limits<acc_t>::infinity());
+      if constexpr (!kProb) {
+        yv[i] = Vec::loadu(ys + i * kVS);
+        zy[i] = Vec(acc_t(0));
+        // Without class weights: 1 where the position counts.
+        wy[i] = Vec::blendv(Vec(acc_t(0)), Vec(acc_t(1)), yv[i] >= Vec(acc_t(0)));
+      }
+    }
+    const bool weighted = weight_ != nullptr;
     const bool prefetch = s0 + kPrefetchTiles * T < S_;
     for (int64_t j = 0; j < C_; ++j) {
       const scalar_t* zj = z + j * S_;
@@ -175,7 +206,17 @@ class PositionKernel {
         for (int i = 0; i < NV; ++i) v[i] = Vec(cap_) * (v[i] * Vec(inv_cap_)).tanh();
         store_acc(scratch + j * T, v);
       }
-      for (int i = 0; i < NV; ++i) m[i] = at::vec::maximum(m[i], v[i]);
+      // A NaN logit need not reach the max: exp(NaN - max) makes the position's sum, and from there
+      // everything of that position, NaN.
+      for (int i = 0; i < NV; ++i) m[i] = max_skip_nan(m[i], v[i]);
+      if constexpr (!kProb) {
+        const Vec vj(static_cast<acc_t>(j));
+        for (int i = 0; i < NV; ++i) zy[i] = Vec::blendv(zy[i], v[i], yv[i] == vj);
+        if (weighted) {
+          const Vec wj(weight_[j]);
+          for (int i = 0; i < NV; ++i) wy[i] = Vec::blendv(wy[i], wj, yv[i] == vj);
+        }
+      }
     }
 
     // Pass 2: sum_j exp(zc_j - max), and the target terms relative to the max.
@@ -227,33 +268,29 @@ class PositionKernel {
         loss.store(loss_out + i * kVS);
         lse[i].store(lse_out + i * kVS);
       } else {
-        const HardTargetCoef<Vec, acc_t> tc = hard_target_coef(eps_, Vec::loadu(wys + i * kVS), weight_total_, C_);
+        const HardTargetCoef<Vec, acc_t> tc = hard_target_coef(eps_, wy[i], weight_total_, C_);
         smooth = tc.smooth;
         sum_q = tc.sum_q;
         target_q[i] = tc.target_q;
-        q_dot_z = weighted_logit(tc.target_q, Vec::loadu(zys + i * kVS) - m[i]);
+        q_dot_z = weighted_logit(tc.target_q, zy[i] - m[i]);
         if (smoothing) q_dot_z = q_dot_z + Vec(tc.smooth) * qz[i];
         loss = row_loss_shifted(log_sum, lse[i], sum_q, q_dot_z, z_loss_);
-        valid[i] = Vec::loadu(valids + i * kVS) != Vec(acc_t(0));
+        valid[i] = yv[i] >= Vec(acc_t(0));
         Vec::blendv(Vec(acc_t(0)), loss, valid[i]).store(loss_out + i * kVS);
         Vec::blendv(Vec(acc_t(0)), lse[i], valid[i]).store(lse_out + i * kVS);
       }
       coef[i] = softmax_coef(lse[i], sum_q, z_loss_);
     }
-    for (int64_t r = 0; r < npos; ++r) {
-      row_loss_[out + r] = loss_out[r];
-      lse_[out + r] = lse_out[r];
-    }
+    write_outputs(t_index, out, npos, loss_out, lse_out);
     if constexpr (!kGrad) return;
 
     // Pass 3: grad_j = scale * softmax_grad(coef, p_j, q_j) * chain_j, in the logits' layout.
     const Vec vscale(scale_);
-    Vec f[NV], y[NV];
+    Vec f[NV];
     for (int i = 0; i < NV; ++i) {
       // Without a softcap p_j = e_j / s: the scale and 1 / s fold into one factor.
       f[i] = kSoftcap ? coef[i] : coef[i] / s[i] * vscale;
       if constexpr (!kProb) {
-        y[i] = Vec::loadu(ys + i * kVS);
         target_q[i] = kSoftcap ? target_q[i] : target_q[i] * vscale;
       }
     }
@@ -265,7 +302,7 @@ class PositionKernel {
       } else {
         const acc_t qs = smoothing ? smooth * class_weight(j) * (kSoftcap ? acc_t(1) : scale_) : acc_t(0);
         const Vec vj(static_cast<acc_t>(j));
-        for (int i = 0; i < NV; ++i) q[i] = Vec::blendv(Vec(qs), target_q[i] + Vec(qs), y[i] == vj);
+        for (int i = 0; i < NV; ++i) q[i] = Vec::blendv(Vec(qs), target_q[i] + Vec(qs), yv[i] == vj);
       }
       for (int i = 0; i < NV; ++i) {
         if constexpr (kSoftcap) {
@@ -290,7 +327,8 @@ class PositionKernel {
   const scalar_t* prob_;
   const acc_t* weight_;
   acc_t* row_loss_;
-  acc_t* lse_;
+  acc_t* lse_;         // null: not wanted
+  double* tile_loss_;  // the per-tile loss sums, where row_loss_ is null
   const int64_t ignore_index_;
   const acc_t eps_, smooth_, z_loss_, cap_, inv_cap_, scale_, weight_total_;
   const int64_t tiles_per_item_;
