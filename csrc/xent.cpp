@@ -49,12 +49,14 @@ TORCH_LIBRARY(torch_xent, m) {
   // targets and the gradient are (N, C, S) like the logits.
   m.def(
       "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing, float z_loss, float softcap, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, bool compute_grad, "
+      "bool need_lse=True) -> (Tensor, Tensor, Tensor)");
+  // need_lse=False: the caller discards the lse, which (N, C, S) logits on the CPU then do not
+  // materialise (lse comes back empty); 2-D logits, whose kernel keeps it in a register, return it.
   // The same, writing the gradient into the logits' own storage instead of a new buffer.
   m.def(
       "cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)");
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, bool need_lse=True) -> (Tensor, Tensor)");
   // The loss alone, with its autograd node in C++ (xent_autograd.cpp): 2-D logits and class-index
   // targets, without z_loss or softcap. Private: functional.py calls it in eager mode only.
   m.def(

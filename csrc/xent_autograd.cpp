@@ -35,7 +35,7 @@ using torch::autograd::variable_list;
 constexpr int64_t kReductionMean = 1;
 
 using ForwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                                            int64_t, int64_t, double, double, double, bool);
+                                                            int64_t, int64_t, double, double, double, bool, bool);
 
 // The fused forward op, through the dispatcher (so that the kernel of the logits' device runs).
 std::tuple<Tensor, Tensor, Tensor> fused_forward(const Tensor& logits, const Tensor& target,
@@ -44,7 +44,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward(const Tensor& logits, const Ten
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("torch_xent::cross_entropy_forward", "")
                              .typed<ForwardSignature>();
-  return op.call(logits, target, weight, reduction, ignore_index, label_smoothing, 0.0, 0.0, true);
+  return op.call(logits, target, weight, reduction, ignore_index, label_smoothing, 0.0, 0.0, true, false);
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

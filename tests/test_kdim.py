@@ -170,6 +170,13 @@ def test_opcheck_3d():
                                        True))
                 torch.library.opcheck(ops.cross_entropy_forward_inplace.default,
                                       (logits.clone(), target, weight, reduction, *op_args(opts)))
+                # need_lse=False: the same loss and gradient, and no lse materialised
+                torch.library.opcheck(ops.cross_entropy_forward_inplace.default,
+                                      (logits.clone(), target, weight, reduction, *op_args(opts), False))
+                full = ops.cross_entropy_forward(logits, target, weight, reduction, *op_args(opts), True)
+                lean = ops.cross_entropy_forward(logits, target, weight, reduction, *op_args(opts), True, False)
+                assert lean[1].numel() == 0 and full[1].shape == (2, 9)
+                assert torch.equal(lean[0], full[0]) and torch.equal(lean[2], full[2])
     torch.library.opcheck(ops.cross_entropy_backward.default, (torch.randn(2, 5, 9), torch.rand(2, 9)))
 
 

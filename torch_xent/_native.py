@@ -131,24 +131,28 @@ if _C is not None:
         # (M, C) logits have (M,) rows; (N, C, S) logits (K-dim input in its own layout) (N, S).
         return (logits.shape[0],) if logits.dim() == 2 else (logits.shape[0], logits.shape[2])
 
+    def _lse_shape(logits, need_lse):
+        # (N, C, S) logits on the CPU skip the lse nobody will read; rows and the CUDA kernel return it.
+        return (0,) if not need_lse and logits.dim() == 3 and logits.device.type == "cpu" else _row_shape(logits)
+
     @torch.library.register_fake("torch_xent::cross_entropy_forward")
     def _forward_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                      compute_grad):
+                      compute_grad, need_lse=True):
         acc = acc_dtype(logits.dtype)
         rows = _row_shape(logits)
         loss = logits.new_empty(rows if reduction == 0 else (), dtype=acc)
-        lse = logits.new_empty(rows, dtype=acc)
+        lse = logits.new_empty(_lse_shape(logits, need_lse), dtype=acc)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad \
             else logits.new_empty((0,))
         return loss, lse, grad
 
     @torch.library.register_fake("torch_xent::cross_entropy_forward_inplace")
     def _forward_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss,
-                              softcap):
+                              softcap, need_lse=True):
         acc = acc_dtype(logits.dtype)
         rows = _row_shape(logits)
         loss = logits.new_empty(rows if reduction == 0 else (), dtype=acc)
-        lse = logits.new_empty(rows, dtype=acc)
+        lse = logits.new_empty(_lse_shape(logits, need_lse), dtype=acc)
         return loss, lse
 
     @torch.library.register_fake("torch_xent::cross_entropy_backward")
@@ -167,7 +171,7 @@ if _C is not None:
         if grad.numel() == 0 and grad_loss is not None:
             raise RuntimeError("torch_xent::cross_entropy_forward: backward needs compute_grad=True")
         g = None if grad_loss is None else _lib_ops.cross_entropy_backward(grad, grad_loss)
-        return g, None, None, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("torch_xent::cross_entropy_forward", _forward_backward,
                                     setup_context=_forward_setup_context)

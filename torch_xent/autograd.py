@@ -36,9 +36,9 @@ def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inpla
             guard = torch._C._AutoDispatchBelowAutograd()
         with guard:
             if inplace and compute_grad:
-                loss, lse = ops.cross_entropy_forward_inplace(logits, *args)
+                loss, lse = ops.cross_entropy_forward_inplace(logits, *args, need_lse)
                 return loss, lse, logits
-            loss, lse, grad = ops.cross_entropy_forward(logits, *args, compute_grad)
+            loss, lse, grad = ops.cross_entropy_forward(logits, *args, compute_grad, need_lse)
         return loss, lse, (grad if compute_grad else None)
     if kernel == "aten":
         loss, lse, grad = aten.cross_entropy_forward(logits, target, weight, opts, compute_grad, inplace,

@@ -434,7 +434,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool compute_grad) {
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool compute_grad,
+    bool /*need_lse: 2-D rows keep the lse in a register, so it is always returned*/) {
   check_inputs("torch_xent::cross_entropy_forward", logits_in, target, weight, reduction, label_smoothing, softcap);
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor grad = compute_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous) : logits.new_empty({0});
@@ -445,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_inplace_cuda(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool /*need_lse*/) {
   check_inputs("torch_xent::cross_entropy_forward_inplace", logits, target, weight, reduction, label_smoothing,
                softcap);
   check_inplace_arguments("torch_xent::cross_entropy_forward_inplace", logits, target);
