@@ -198,7 +198,11 @@ class RowKernel {
       for (int i = 0; i < 2 * K; ++i) vmax[i] = Vec(-kInf);
       for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) XENT_LAMBDA_INLINE {
         Vec v[K];
-        load_logits(z + j, n, v);
+        if (!kSoftcap && n == kS) {
+          B::load_any_order(z + j, v);  // the max does not depend on the order of the lanes
+        } else {
+          load_logits(z + j, n, v);
+        }
         if constexpr (kSoftcap) {
           for (int i = 0; i < K; ++i) {
             v[i] = Vec(cap_) * (v[i] * Vec(inv_cap_)).tanh();
@@ -252,7 +256,7 @@ class RowKernel {
             }
           }
           for (int i = 0; i < K; ++i) {
-            v[i] = vexp(v[i]);
+            v[i] = B::exp(v[i]);
             vs[slot * K + i] = vs[slot * K + i] + v[i];
           }
           if (kGrad && !kSoftcap) store_acc(scratch + j, v);
@@ -306,7 +310,7 @@ class RowKernel {
         if (need_q) load_q(t, j, n, q);
         for (int i = 0; i < K; ++i) {
           if constexpr (kSoftcap) {
-            const Vec p = vexp(v[i] - vlse);
+            const Vec p = B::exp(v[i] - vlse);
             const Vec c = v[i] * vinv;
             Vec d = vf * p;
             if (need_q) d = d - q[i];
