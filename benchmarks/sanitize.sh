@@ -24,7 +24,7 @@ LOG="$DIR/sanitize.log"
 
 mkdir -p "$DIR"
 (cd "$ROOT" && git ls-files -co --exclude-standard -z | grep -zv '^benchmarks/results/' \
-  | rsync -a --from0 --files-from=- ./ "$DIR/")
+  | tar --null -T - -cf -) | tar -xf - -C "$DIR"
 cd "$DIR"
 TORCH_XENT_SANITIZE=address,undefined TORCH_XENT_BUILD_CUDA=0 TORCH_XENT_REQUIRE_EXT=1 \
   "$PYTHON" setup.py build_ext --inplace > build.log 2>&1 || { tail -40 build.log; exit 1; }

@@ -39,7 +39,6 @@ struct Block {
   static constexpr int kVecs = 1;
   static constexpr int64_t kSize = Vec::size();
   static XENT_INLINE void load(const scalar_t* p, Vec* v) { v[0] = Vec::loadu(p); }
-  static XENT_INLINE void load_any_order(const scalar_t* p, Vec* v) { load(p, v); }
   static XENT_INLINE void store(scalar_t* p, const Vec* v) { v[0].store(p); }
   static XENT_INLINE Vec exp(const Vec& x);  // vexp, below
 };
@@ -57,6 +56,7 @@ struct HalfBlock {
   static constexpr int64_t kSize = HVec::size();
   static_assert(HVec::size() == 2 * Vec::size(), "one half-precision vector converts to two float vectors");
   static constexpr bool kBF16 = std::is_same<half_t, c10::BFloat16>::value;
+  static constexpr bool kAnyOrder = true;  // load_any_order below
   static XENT_INLINE void load(const half_t* p, Vec* v) {
 #if defined(CPU_CAPABILITY_AVX512)
     for (int i = 0; i < 2; ++i) {
