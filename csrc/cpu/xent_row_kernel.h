@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/xent_cpu.h"
 #include "cpu/xent_scratch.h"
@@ -40,6 +41,13 @@ class RowKernel {
       (int64_t(8192) / int64_t(sizeof(acc_t))) / kS * kS > kS ? (int64_t(8192) / int64_t(sizeof(acc_t))) / kS * kS
                                                                : kS;
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  // Whether the max pass may load a block in another order of lanes, which is cheaper for half
+  // precision (see HalfBlock::load_any_order); not with a softcap, whose pass stores the capped block.
+  template <typename T, typename = void>
+  struct AnyOrder : std::false_type {};
+  template <typename T>
+  struct AnyOrder<T, std::void_t<decltype(T::kAnyOrder)>> : std::bool_constant<T::kAnyOrder> {};
+  static constexpr bool kAnyOrderMax = AnyOrder<B>::value && !kSoftcap;
 
  public:
   explicit RowKernel(const RowsArgs& a)
@@ -198,7 +206,15 @@ class RowKernel {
       for (int i = 0; i < 2 * K; ++i) vmax[i] = Vec(-kInf);
       for_blocks(c0, c1, [&](int64_t j, int64_t n, int slot) XENT_LAMBDA_INLINE {
         Vec v[K];
-        load_logits(z + j, n, v);
+        if constexpr (kAnyOrderMax) {
+          if (n == kS) {
+            B::load_any_order(z + j, v);  // the max does not depend on the order of the lanes
+          } else {
+            load_logits(z + j, n, v);
+          }
+        } else {
+          load_logits(z + j, n, v);
+        }
         if constexpr (kSoftcap) {
           for (int i = 0; i < K; ++i) {
             v[i] = Vec(cap_) * (v[i] * Vec(inv_cap_)).tanh();
@@ -252,7 +268,7 @@ class RowKernel {
             }
           }
           for (int i = 0; i < K; ++i) {
-            v[i] = vexp(v[i]);
+            v[i] = B::exp(v[i]);
             vs[slot * K + i] = vs[slot * K + i] + v[i];
           }
           if (kGrad && !kSoftcap) store_acc(scratch + j, v);
@@ -306,7 +322,7 @@ class RowKernel {
         if (need_q) load_q(t, j, n, q);
         for (int i = 0; i < K; ++i) {
           if constexpr (kSoftcap) {
-            const Vec p = vexp(v[i] - vlse);
+            const Vec p = B::exp(v[i] - vlse);
             const Vec c = v[i] * vinv;
             Vec d = vf * p;
             if (need_q) d = d - q[i];

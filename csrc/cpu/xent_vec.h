@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "xent_math.h"
 
@@ -39,9 +40,13 @@ struct Block {
   static constexpr int64_t kSize = Vec::size();
   static XENT_INLINE void load(const scalar_t* p, Vec* v) { v[0] = Vec::loadu(p); }
   static XENT_INLINE void store(scalar_t* p, const Vec* v) { v[0].store(p); }
+  static XENT_INLINE Vec exp(const Vec& x);  // vexp, below
 };
 
 // bfloat16 and float16 are computed in float32: one vector of them is two float vectors.
+// On x86 each float vector is widened straight from its half of memory (a zero-extending or
+// converting load, no extraction of the upper half), which is what ATen's conversion computes, bit for
+// bit: a bfloat16 is the upper 16 bits of its float, a float16 converts exactly.
 template <typename half_t>
 struct HalfBlock {
   using acc_t = float;
@@ -50,10 +55,72 @@ struct HalfBlock {
   static constexpr int kVecs = 2;
   static constexpr int64_t kSize = HVec::size();
   static_assert(HVec::size() == 2 * Vec::size(), "one half-precision vector converts to two float vectors");
+  static constexpr bool kBF16 = std::is_same<half_t, c10::BFloat16>::value;
+  static constexpr bool kAnyOrder = true;  // load_any_order below
   static XENT_INLINE void load(const half_t* p, Vec* v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    for (int i = 0; i < 2; ++i) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * i));
+      if constexpr (kBF16) {
+        v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      } else {
+        v[i] = _mm512_cvtph_ps(h);
+      }
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    for (int i = 0; i < 2; ++i) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * i));
+      if constexpr (kBF16) {
+        v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      } else {
+        v[i] = _mm256_cvtph_ps(h);
+      }
+    }
+#else
     std::tie(v[0], v[1]) = at::vec::convert_to_float<half_t>(HVec::loadu(p));
+#endif
   }
-  static XENT_INLINE void store(half_t* p, const Vec* v) { at::vec::convert_from_float<half_t>(v[0], v[1]).store(p); }
+  // The block's elements in some order of lanes, for the max, which does not depend on it: a
+  // bfloat16 pair in a 32-bit lane is two floats, the upper one masked, the lower one shifted up.
+  static XENT_INLINE void load_any_order(const half_t* p, Vec* v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBF16) {
+      const __m512i h = _mm512_loadu_si512(p);
+      v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+      v[1] = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kBF16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+      v[1] = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+      return;
+    }
+#endif
+    load(p, v);
+  }
+  static XENT_INLINE void store(half_t* p, const Vec* v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (!kBF16) {  // round to nearest even, as ATen's conversion
+      for (int i = 0; i < 2; ++i) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * i),
+                            _mm512_cvtps_ph(v[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (!kBF16) {
+      for (int i = 0; i < 2; ++i) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8 * i),
+                         _mm256_cvtps_ph(v[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+      return;
+    }
+#endif
+    at::vec::convert_from_float<half_t>(v[0], v[1]).store(p);
+  }
+  static XENT_INLINE Vec exp(const Vec& x);  // vexp_half, below
 };
 #if defined(TORCH_XENT_AVX512_BF16)
 // One instruction converts two float vectors to one bfloat16 vector, rounding to nearest even (as
@@ -130,6 +197,76 @@ TORCH_XENT_ALWAYS_INLINE Vectorized<float> vexp(const Vectorized<float>& v) {
 #undef XENT_PS
 #undef TORCH_XENT_ALWAYS_INLINE
 #endif
+
+// exp for the kernel's arguments when the logits are bfloat16 or float16: the same contract as vexp
+// (arguments <= 0 up to rounding, or -inf, or NaN), with fewer instructions. The argument z - m is
+// exact (a difference of two half-precision values), and the result feeds a float32 sum and a
+// gradient rounded to 8 or 11 bits; what bounds the error is the lse, returned in float32, so the
+// error stays near float32's rounding (below 3e-7 relative, see the accuracy test) rather than at the
+// inputs' 2^-9 or 2^-12.
+//   AVX512: exp(x) = 2^floor(k/32) 2^((k mod 32)/32) exp(r), k = round(32 x / ln 2), r = x - (k/32) ln2
+//           in [-ln2/64, ln2/64]. The 32 values 2^(j/32) sit in two registers, one permute picks them;
+//           exp(r) is a degree-2 polynomial fitted for relative error on that interval (5.6e-8). k
+//           comes from adding 1.5 * 2^18 (whose ulp is 1/32) to x / ln 2: the sum's low mantissa bits
+//           are k mod 32, the table index. A single fused r = x - n ln2 with ln2 rounded to float errs
+//           by |n| 1.9e-9, below 1.7e-7 down to exp's underflow at -87.
+//   AVX2:   exp(x) = 2^n exp(r), n = round(x / ln 2), with the same single-step reduction and a degree-5
+//           polynomial fitted for relative error on [-ln2/2, ln2/2] (1.3e-7), one degree and one fused
+//           step less than vexp.
+// DEFAULT (portable) builds use vexp.
+template <typename Vec>
+inline Vec vexp_half(const Vec& x) {
+  return vexp(x);
+}
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+XENT_INLINE Vectorized<float> vexp_half(const Vectorized<float>& v) {
+  // 2^(j / 32) rounded to float, j = 0..31.
+  alignas(64) static constexpr float kTable[32] = {
+      1.0f, 1.0218972f, 1.04427373f, 1.06714046f, 1.09050775f, 1.1143868f, 1.13878858f, 1.1637249f, 1.18920708f,
+      1.21524739f, 1.24185777f, 1.26905096f, 1.29683959f, 1.32523668f, 1.35425556f, 1.38390994f, 1.41421354f,
+      1.44518077f, 1.47682619f, 1.50916445f, 1.54221082f, 1.5759809f, 1.61049032f, 1.64575553f, 1.68179286f,
+      1.71861935f, 1.75625217f, 1.79470909f, 1.8340081f, 1.87416768f, 1.91520655f, 1.95714414f};
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-110.0f), v);  // NaN stays NaN; exp(-110) is 0 in float
+  const __m512 magic = _mm512_set1_ps(393216.0f);               // 1.5 * 2^18
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 n = _mm512_sub_ps(t, magic);  // k / 32, exactly
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(4.999962747e-01f), r, _mm512_set1_ps(1.000014901e+00f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 two_frac = _mm512_permutex2var_ps(_mm512_load_ps(kTable), _mm512_castps_si512(t),
+                                                 _mm512_load_ps(kTable + 16));
+  return _mm512_scalef_ps(_mm512_mul_ps(p, two_frac), n);  // scalef multiplies by 2^floor(n)
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+XENT_INLINE Vectorized<float> vexp_half(const Vectorized<float>& v) {
+  const __m256 x = _mm256_max_ps(_mm256_set1_ps(-110.0f), v);
+  // 1.5 * 2^23 + 127: the sum's low mantissa bits are n + 127, the biased exponent of 2^n.
+  const __m256 magic = _mm256_set1_ps(12583039.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945309f), x);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(8.296939544e-03f), r, _mm256_set1_ps(4.192034900e-02f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666761190e-01f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999884963e-01f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.999997020e-01f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.000000119e+00f));
+  // 2^n in the exponent field; n < -126 (x below about -87.3) is flushed to 0, as is -inf.
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  const __m256 too_small = _mm256_cmp_ps(n, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
+  return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, two_n));
+}
+#endif
+
+template <typename scalar_t>
+XENT_INLINE Vectorized<scalar_t> Block<scalar_t>::exp(const Vectorized<scalar_t>& x) {
+  return vexp(x);
+}
+template <typename half_t>
+XENT_INLINE Vectorized<float> HalfBlock<half_t>::exp(const Vectorized<float>& x) {
+  return vexp_half(x);
+}
 
 // q * z lane by lane, with q == 0 counting as 0 even where z = -inf: the vector form of
 // weighted_logit in xent_math.h (brought in here, so that both forms are found by that name).
