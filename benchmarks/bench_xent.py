@@ -1,6 +1,6 @@
 """Softmax cross-entropy, side by side: PyTorch eager, torch.compile, torch_xent's pure-PyTorch paths
 (the fast one, impl="aten", with and without inplace_backward, and the readable reference) and its
-native kernel (with and without inplace_backward).
+native kernel (with and without inplace_backward, and without the reuse of gradient buffers).
 
     python benchmarks/bench_xent.py                  # CPU, full shape set -> benchmarks/results/cpu.md
     python benchmarks/bench_xent.py --quick          # fewer shapes and repetitions
@@ -17,6 +17,9 @@ contender overwrites them), so every contender meets the same fresh memory. GB/s
 traffic the mode needs: reading the logits once (fwd) and writing the gradient once (fwd+bwd); the
 "x floor" column divides the time by that traffic at the bandwidth of a copy of the same logits into a
 touched buffer, timed in the same interleaved rounds.
+The native kernel reuses an idle gradient buffer of the same size from an earlier call (as a training
+loop's steps do; torch_xent.set_gradient_cache): `native` runs with that reuse, `native-fresh` writes
+every gradient into fresh memory, whose first touch is a page fault per page.
 Peak memory is measured once per contender in a fresh subprocess: the peak resident memory (CPU) or
 the peak allocated memory (CUDA) during one call, minus what was in use after the inputs were made.
 """
@@ -57,7 +60,7 @@ CPU_KDIM = [f"{shape}:{d}:{v}" for shape in ("8x19x512x1024", "4x150x256x256") f
 VARIANTS = {"": {}, "ignore": {"ignore_index": 0}, "smooth": {"label_smoothing": 0.1},
             "seg": {"ignore_index": 255}, "seg+weight": {"ignore_index": 255}}
 WEIGHTED = {"seg+weight"}
-CONTENDERS = ["eager", "compile", "reference", "aten", "aten-inplace", "native", "native-inplace"]
+CONTENDERS = ["eager", "compile", "reference", "aten", "aten-inplace", "native", "native-fresh", "native-inplace"]
 MODES = ["fwd+bwd", "fwd"]
 # Peak memory is measured for problems at least this large; below, a few pages of noise.
 MEMORY_MIN_ELEMENTS = 1 << 20
@@ -117,6 +120,16 @@ def make_contender(name, variant, compile_cache, weight=None):
         return lambda x, y: torch_xent.cross_entropy(x, y, impl="aten", inplace_backward=True, **kw)
     if name == "native":
         return lambda x, y: torch_xent.cross_entropy(x, y, impl="native", **kw)
+    if name == "native-fresh":  # without the reuse of idle gradient buffers: a fresh one each call
+        # The op itself, not torch_xent.set_gradient_cache(False), which would also free the buffer
+        # that the `native` contender's next repetition reuses.
+        def fresh_buffer(x, y):
+            torch.ops.torch_xent.cpu_set_gradient_cache(False)
+            try:
+                return torch_xent.cross_entropy(x, y, impl="native", **kw)
+            finally:
+                torch.ops.torch_xent.cpu_set_gradient_cache(True)
+        return fresh_buffer
     if name == "native-inplace":
         return lambda x, y: torch_xent.cross_entropy(x, y, impl="native", inplace_backward=True, **kw)
     raise ValueError(name)
@@ -225,6 +238,9 @@ def memory_probe(case, name, mode, device):
     for warm in (True, False):  # warm up (compile) first; measure the second call
         fresh = logits.clone() if mode == "fwd+bwd" else None
         call = one_call(fn, mode, logits, target, fresh)
+        # The gradient buffer the warm-up left for reuse counts as this call's memory, not as the
+        # baseline's: the native kernel's idle buffers are freed first.
+        torch_xent.empty_cache()
         if device == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()

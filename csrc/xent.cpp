@@ -71,6 +71,11 @@ TORCH_LIBRARY(torch_xent, m) {
   m.def("cpu_parallel_threads(int tasks) -> int", &torch_xent::cpu::parallel_threads);
   // Which instruction-set variant of the CPU row kernel runs (chosen at run time, see cpu/xent_cpu.h).
   m.def("cpu_kernel_variant() -> str", &torch_xent::cpu::kernel_variant);
+  // The CPU op's cache of idle gradient buffers (cpu/xent_kernel.cpp); torch_xent/_native.py wraps these.
+  m.def("cpu_set_gradient_cache(bool enabled) -> ()", &torch_xent::cpu::set_gradient_cache);
+  m.def("cpu_gradient_cache_enabled() -> bool", &torch_xent::cpu::gradient_cache_enabled);
+  m.def("cpu_release_gradient_cache() -> int", &torch_xent::cpu::release_gradient_cache);
+  m.def("cpu_gradient_cache_bytes() -> int", &torch_xent::cpu::gradient_cache_bytes);
 }
 
 TORCH_LIBRARY_IMPL(torch_xent, CompositeExplicitAutograd, m) {

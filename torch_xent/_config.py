@@ -24,6 +24,11 @@ def show_config(file=None) -> str:
                        f"{torch.get_num_threads()} threads)")
         visible = device == "cpu" or torch.cuda.is_available()
         lines.append(describe_device(device, built, _native.kernel_validated(device), visible, threads))
+    if _native.loaded():
+        held = _native.gradient_cache_bytes() / 2**20
+        lines.append("  cpu gradient buffers: " + (f"reused across calls ({held:.1f} MiB idle now)"
+                                                   if _native.gradient_cache_enabled() else
+                                                   "fresh each call (set_gradient_cache(False))"))
     lines.append("  any other device: impl='auto' uses the pure-PyTorch path (aten)")
     text = "\n".join(lines)
     print(text, file=file)

@@ -4,6 +4,7 @@ and says what is available. Importing this module never fails because the extens
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -122,6 +123,45 @@ def cpu_kernel_variant() -> str:
     if _C is None:
         return ""
     return str(torch.ops.torch_xent.cpu_kernel_variant())
+
+
+def set_gradient_cache(enabled: bool) -> None:
+    """Turns the CPU kernel's reuse of idle gradient buffers on (the default) or off.
+
+    The compiled CPU op keeps the storage of its last two gradient buffers of 4 MiB or more. When a
+    later call needs a buffer of the same size and nothing references the kept one any more (no
+    tensor, view, ``.grad`` or storage object), it writes the gradient there instead of into fresh
+    memory, whose first touch costs a page fault per page. Turning it off also frees the idle
+    buffers. The environment variable ``TORCH_XENT_GRADIENT_CACHE=0`` turns it off at import."""
+    if _C is None:
+        return
+    torch.ops.torch_xent.cpu_set_gradient_cache(bool(enabled))
+    if not enabled:
+        torch.ops.torch_xent.cpu_release_gradient_cache()
+
+
+def gradient_cache_enabled() -> bool:
+    """Whether the CPU kernel reuses idle gradient buffers (False without the extension)."""
+    return _C is not None and bool(torch.ops.torch_xent.cpu_gradient_cache_enabled())
+
+
+def empty_cache() -> int:
+    """Frees the idle gradient buffers the CPU kernel keeps for reuse; returns how many bytes that
+    released (buffers still in use are freed by their last user as usual)."""
+    if _C is None:
+        return 0
+    return int(torch.ops.torch_xent.cpu_release_gradient_cache())
+
+
+def gradient_cache_bytes() -> int:
+    """Bytes of idle gradient buffers the CPU kernel holds for reuse right now."""
+    if _C is None:
+        return 0
+    return int(torch.ops.torch_xent.cpu_gradient_cache_bytes())
+
+
+if _C is not None and os.environ.get("TORCH_XENT_GRADIENT_CACHE", "1").strip() == "0":
+    set_gradient_cache(False)
 
 
 if _C is not None:

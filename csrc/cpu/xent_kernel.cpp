@@ -191,6 +191,67 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// The gradient buffers of the last calls, kept for the next call of the same size. The gradient a
+// training step needs is freed once the backward is through (autograd hands it on, the layer below
+// consumes it), and the next step asks for one of the same size again. A fresh buffer costs a page
+// fault per page on its first touch (on a VM several times the kernel's own time for a large
+// vocabulary); a buffer that nothing references any more is reused without a fault. The cache holds
+// Storage references only (not tensors), so autograd's AccumulateGrad still sees a gradient nobody
+// else holds and takes it into .grad without a copy; a buffer is reused only when the cache's is its
+// last reference (no tensor, view, .grad or Python storage object left), so nothing a caller can
+// reach is ever overwritten. At most kGradCacheSlots idle buffers of at least kGradCacheMinBytes
+// are kept (the small ones come from malloc's own free lists anyway); release_gradient_cache() frees
+// them and set_gradient_cache(false) stops the reuse.
+constexpr int kGradCacheSlots = 2;
+constexpr size_t kGradCacheMinBytes = size_t(4) << 20;
+
+struct GradCache {
+  std::mutex mutex;
+  bool enabled = true;
+  c10::Storage slots[kGradCacheSlots];
+  uint64_t last_use[kGradCacheSlots] = {};
+  uint64_t clock = 0;
+};
+
+GradCache& grad_cache() {
+  static GradCache* cache = new GradCache();  // never destroyed: no order-of-destruction issue at exit
+  return *cache;
+}
+
+Tensor fresh_grad_buffer(const Tensor& logits) {
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
+  return grad;
+}
+
+// A contiguous buffer of the logits' shape and dtype for the gradient, reused where one is idle.
+Tensor new_grad_buffer(const Tensor& logits) {
+  const size_t bytes = static_cast<size_t>(logits.numel()) * logits.element_size();
+  if (bytes < kGradCacheMinBytes) return fresh_grad_buffer(logits);
+  GradCache& cache = grad_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  if (!cache.enabled) return fresh_grad_buffer(logits);
+  const uint64_t now = ++cache.clock;
+  int victim = -1;
+  for (int i = 0; i < kGradCacheSlots; ++i) {
+    c10::Storage& slot = cache.slots[i];
+    const bool idle = !slot || slot.use_count() == 1;
+    if (idle && slot && slot.nbytes() == bytes) {
+      Tensor grad = at::empty({0}, logits.options());
+      grad.set_(slot, 0, logits.sizes());  // contiguous strides
+      cache.last_use[i] = now;
+      return grad;
+    }
+    if (idle && (victim < 0 || cache.last_use[i] < cache.last_use[victim])) victim = i;
+  }
+  Tensor grad = fresh_grad_buffer(logits);
+  if (victim >= 0) {  // replaces the least recently used idle slot (every slot busy: not kept)
+    cache.slots[victim] = grad.storage();
+    cache.last_use[victim] = now;
+  }
+  return grad;
+}
+
 cpu::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
     case at::kDouble:
@@ -317,6 +378,40 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
 
 std::string cpu::kernel_variant() { return rows_variant().name; }
 
+void cpu::set_gradient_cache(bool enabled) {
+  GradCache& cache = grad_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.enabled = enabled;
+}
+
+bool cpu::gradient_cache_enabled() {
+  GradCache& cache = grad_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return cache.enabled;
+}
+
+// Only the cache's references are dropped: a buffer still in use is freed by its last user as usual.
+int64_t cpu::release_gradient_cache() {
+  GradCache& cache = grad_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  int64_t idle_bytes = 0;
+  for (c10::Storage& slot : cache.slots) {
+    if (slot && slot.use_count() == 1) idle_bytes += static_cast<int64_t>(slot.nbytes());
+    slot = c10::Storage();
+  }
+  return idle_bytes;
+}
+
+int64_t cpu::gradient_cache_bytes() {
+  GradCache& cache = grad_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  int64_t idle_bytes = 0;
+  for (const c10::Storage& slot : cache.slots) {
+    if (slot && slot.use_count() == 1) idle_bytes += static_cast<int64_t>(slot.nbytes());
+  }
+  return idle_bytes;
+}
+
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits_in, const Tensor& target,
                                                              const c10::optional<Tensor>& weight, int64_t reduction,
                                                              int64_t ignore_index, double label_smoothing,
@@ -327,8 +422,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logit
   const Tensor logits = logits_in.contiguous();
   Tensor grad;
   if (compute_grad) {
-    grad = at::empty(logits.sizes(), logits.options());
-    advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.nbytes()));
+    grad = new_grad_buffer(logits);
   }
   auto [loss, lse] = run_forward(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
                                  grad, need_lse);
