@@ -37,13 +37,16 @@ constexpr int64_t kReductionMean = 1;
 using ForwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                                             int64_t, int64_t, double, double, double, bool, bool);
 
-// The fused forward op, through the dispatcher (so that the kernel of the logits' device runs).
+// The fused forward op, through the dispatcher (so that the kernel of the logits' device runs),
+// below autograd: this node is the autograd formula, and the op's own (registered from Python in
+// torch_xent/_native.py) would cost a round trip into Python on every call for nothing.
 std::tuple<Tensor, Tensor, Tensor> fused_forward(const Tensor& logits, const Tensor& target,
                                                  const std::optional<Tensor>& weight, int64_t reduction,
                                                  int64_t ignore_index, double label_smoothing) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("torch_xent::cross_entropy_forward", "")
                              .typed<ForwardSignature>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(logits, target, weight, reduction, ignore_index, label_smoothing, 0.0, 0.0, true, false);
 }
 

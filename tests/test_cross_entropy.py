@@ -505,3 +505,26 @@ def test_property_random_problems(device_impl, problem):
     (lo, go), (lt, gt) = both(x, t, impl, kw)
     assert_close(lo, lt, torch.float64)
     assert_close(go[0], gt[0], torch.float64)
+
+
+def test_remembered_options_are_still_checked_each_call():
+    """loss_options remembers checked plain-scalar options: invalid ones raise on every call, and a
+    tensor option (which could change in place) is read afresh each time."""
+    from torch_xent._options import loss_options
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="label_smoothing must be between"):
+            loss_options("mean", -100, 1.5)
+        with pytest.raises(ValueError, match="is not a valid value for reduction"):
+            loss_options("avg")
+    assert loss_options("sum", 3, 0.25) == loss_options("sum", 3, 0.25)
+    assert loss_options("sum", 3, 0.25).label_smoothing == 0.25
+    assert type(loss_options("mean", -100, 1).label_smoothing) is float  # an int 1 normalised, not confused with True
+    eps = torch.tensor(0.1)
+    assert loss_options("mean", -100, eps).label_smoothing == pytest.approx(0.1)
+    eps.fill_(0.3)
+    assert loss_options("mean", -100, eps).label_smoothing == pytest.approx(0.3)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    for smoothing in (0.0, 0.2, 0.0):
+        torch.testing.assert_close(torch_xent.cross_entropy(x, y, label_smoothing=smoothing),
+                                   F.cross_entropy(x, y, label_smoothing=smoothing))

@@ -98,6 +98,8 @@ def select_kernel(impl: str, device_type: str, built: bool, validated: bool, mis
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation (see :func:`select_kernel`) that runs for ``device`` under the ``impl`` argument.
     Nothing is cached: a dict filled on the first call would change under a torch.compile trace."""
+    if device.type == "cpu" and _AVAILABLE["cpu"] and (impl == "auto" or impl == "native"):
+        return "native"  # select_kernel's answer where the CPU kernel (always validated) is built
     return select_kernel(impl, device.type, native_available(device), kernel_validated(device.type),
                          load_error() or "")[0]
 

@@ -6,6 +6,7 @@ a tuple of constants when it is passed to an ``autograd.Function``.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 from torch_xent import _checks
@@ -42,8 +43,26 @@ class LossOptions(NamedTuple):
 
 
 def loss_options(reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None) -> LossOptions:
-    """Checks the options (PyTorch's messages) and returns them normalised to Python scalars."""
+    """Checks the options (PyTorch's messages) and returns them normalised to Python scalars.
+
+    A training loop passes the same options on every call: the checked result is remembered per
+    argument values and types (a few microseconds of a small problem's loss) when they are plain
+    Python scalars; anything else (a tensor, a NumPy number) and invalid values are checked on
+    every call."""
+    plain = _PLAIN
+    if (type(reduction) in plain and type(ignore_index) in plain and type(label_smoothing) in plain
+            and type(z_loss) in plain and type(softcap) in plain):
+        return _checked_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+    return _check_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _check_options(reduction, ignore_index, label_smoothing, z_loss, softcap) -> LossOptions:
     _checks.check_reduction(reduction)
     return LossOptions(reduction=reduction, ignore_index=int(ignore_index),
                        label_smoothing=_checks.check_label_smoothing(label_smoothing), z_loss=float(z_loss),
                        softcap=_checks.check_softcap(softcap))
+
+
+# Exceptions are not remembered: an invalid option raises on every call.
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+_checked_options = functools.lru_cache(maxsize=64, typed=True)(_check_options)

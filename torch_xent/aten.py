@@ -113,8 +113,13 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     host = _host_reads_allowed(device) if host_reads is None else bool(host_reads)
     inplace = inplace and compute_grad
     soft = target.dtype.is_floating_point
-    if (host and not soft and 0 < num_rows * num_classes <= SMALL_ELEMENTS and not opts.label_smoothing
-            and not opts.z_loss and opts.softcap is None):
+    # The same for a forward alone (no gradient) of at most one chunk: ATen's log_softmax is then the
+    # whole cost, and these two kernels sweep the logits once where the chunked code adds a dozen
+    # per-row operations; its one (M, C) temporary is what the chunk's would be.
+    elements = num_rows * num_classes
+    one_chunk = not compute_grad and elements * (8 if acc == torch.float64 else 4) <= CPU_CHUNK_BYTES
+    if (host and not soft and 0 < elements and (elements <= SMALL_ELEMENTS or one_chunk)
+            and not opts.label_smoothing and not opts.z_loss and opts.softcap is None):
         return _small_forward(logits, target, weight, opts, compute_grad, inplace, acc, need_lse)
     need_lse = need_lse or bool(opts.z_loss)
     eps = opts.label_smoothing
@@ -207,6 +212,8 @@ def _small_forward(logits, target, weight, opts, compute_grad, inplace, acc, nee
     code = {"none": 0, "mean": 1, "sum": 2}[opts.reduction]
     lp = torch._log_softmax(x, 1, False)
     loss, total_weight = torch.ops.aten.nll_loss_forward.default(lp, target, w, code, opts.ignore_index)
+    if not need_lse and not compute_grad:
+        return loss, lp.new_empty(0), logits.new_empty(0)
     valid = target != opts.ignore_index
     ignored = not bool(valid.all())
     if not need_lse:
