@@ -34,6 +34,7 @@ def budget(monkeypatch):
             return
         value = max(1, rows * num_classes * itemsize)
         monkeypatch.setattr(aten, "CPU_CHUNK_BYTES", value)
+        monkeypatch.setattr(aten, "CPU_HALF_CHUNK_BYTES", value)
         monkeypatch.setattr(aten, "DEVICE_CHUNK_BYTES", value)
 
     return set_rows
@@ -69,6 +70,10 @@ def test_forward_matches_reference(device, dtype, shape, option, budget):
             out = aten.cross_entropy_forward(logits, target, weight, o, True, host_reads=False)
         assert_matches_reference(out, logits, target, weight, o, compute_grad=variant != "no grad",
                                  what=f"{variant}, {what}")
+        if rows is not None:  # the chunked code without a gradient too (one chunk takes log_softmax + nll_loss)
+            loss, lse, _ = aten.cross_entropy_forward(logits, target, weight, o, False)
+            assert_matches_reference((loss, lse, None), logits, target, weight, o, compute_grad=False,
+                                     what=f"no grad, {what}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
