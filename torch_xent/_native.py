@@ -98,8 +98,12 @@ def select_kernel(impl: str, device_type: str, built: bool, validated: bool, mis
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation (see :func:`select_kernel`) that runs for ``device`` under the ``impl`` argument.
     Nothing is cached: a dict filled on the first call would change under a torch.compile trace."""
-    if device.type == "cpu" and _AVAILABLE["cpu"] and (impl == "auto" or impl == "native"):
-        return "native"  # select_kernel's answer where the CPU kernel (always validated) is built
+    # select_kernel's answers where they need no lookup: an explicit pure-PyTorch path, and the CPU
+    # (whose kernel is validated) for "auto", or for "native" when it is built.
+    if impl == "aten" or impl == "reference":
+        return impl
+    if device.type == "cpu" and (impl == "auto" or (impl == "native" and _AVAILABLE["cpu"])):
+        return "native" if _AVAILABLE["cpu"] else "aten"
     return select_kernel(impl, device.type, native_available(device), kernel_validated(device.type),
                          load_error() or "")[0]
 
@@ -130,11 +134,12 @@ def cpu_kernel_variant() -> str:
 def set_gradient_cache(enabled: bool) -> None:
     """Turns the CPU kernel's reuse of idle gradient buffers on (the default) or off.
 
-    The compiled CPU op keeps the storage of its last two gradient buffers of 4 MiB or more. When a
-    later call needs a buffer of the same size and nothing references the kept one any more (no
-    tensor, view, ``.grad`` or storage object), it writes the gradient there instead of into fresh
-    memory, whose first touch costs a page fault per page. Turning it off also frees the idle
-    buffers. The environment variable ``TORCH_XENT_GRADIENT_CACHE=0`` turns it off at import."""
+    The compiled CPU op allocates its gradient buffers of 4 MiB or more from a small pool: when a
+    gradient's storage is destroyed (its last tensor, view, ``.grad``, storage object or saved
+    variable gone) the memory returns to the pool, which keeps the last two such buffers, and a later
+    call of the same size writes its gradient there instead of into fresh memory, whose first touch
+    costs a page fault per page. The pool holds no reference to a buffer in use. Turning it off also
+    frees the idle buffers. ``TORCH_XENT_GRADIENT_CACHE=0`` (or false/off/no) turns it off at import."""
     if _C is None:
         return
     torch.ops.torch_xent.cpu_set_gradient_cache(bool(enabled))
@@ -162,7 +167,7 @@ def gradient_cache_bytes() -> int:
     return int(torch.ops.torch_xent.cpu_gradient_cache_bytes())
 
 
-if _C is not None and os.environ.get("TORCH_XENT_GRADIENT_CACHE", "1").strip() == "0":
+if _C is not None and os.environ.get("TORCH_XENT_GRADIENT_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
     set_gradient_cache(False)
 
 

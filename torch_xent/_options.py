@@ -48,9 +48,9 @@ def loss_options(reduction="mean", ignore_index=-100, label_smoothing=0.0, z_los
     A training loop passes the same options on every call: the checked result is remembered per
     argument values and types (a few microseconds of a small problem's loss) when they are plain
     Python scalars; anything else (a tensor, a NumPy number) and invalid values are checked on
-    every call."""
+    every call, and so is every call under torch.compile (which warns about memoised functions)."""
     plain = _PLAIN
-    if (type(reduction) in plain and type(ignore_index) in plain and type(label_smoothing) in plain
+    if (not _checks.is_compiling() and type(reduction) in plain and type(ignore_index) in plain and type(label_smoothing) in plain
             and type(z_loss) in plain and type(softcap) in plain):
         return _checked_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
     return _check_options(reduction, ignore_index, label_smoothing, z_loss, softcap)

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -191,31 +192,58 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-// The gradient buffers of the last calls, kept for the next call of the same size. The gradient a
-// training step needs is freed once the backward is through (autograd hands it on, the layer below
-// consumes it), and the next step asks for one of the same size again. A fresh buffer costs a page
-// fault per page on its first touch (on a VM several times the kernel's own time for a large
-// vocabulary); a buffer that nothing references any more is reused without a fault. The cache holds
-// Storage references only (not tensors), so autograd's AccumulateGrad still sees a gradient nobody
-// else holds and takes it into .grad without a copy; a buffer is reused only when the cache's is its
-// last reference (no tensor, view, .grad or Python storage object left), so nothing a caller can
-// reach is ever overwritten. At most kGradCacheSlots idle buffers of at least kGradCacheMinBytes
-// are kept (the small ones come from malloc's own free lists anyway); release_gradient_cache() frees
-// them and set_gradient_cache(false) stops the reuse.
-constexpr int kGradCacheSlots = 2;
-constexpr size_t kGradCacheMinBytes = size_t(4) << 20;
+// A pool of idle gradient buffers, for the next call of the same size. The gradient a training step
+// needs is freed once the backward is through (autograd hands it on, the layer below consumes it),
+// and the next step asks for one of the same size again. A fresh buffer costs a page fault per page
+// on its first touch (on a VM several times the kernel's own time for a large vocabulary); a pooled
+// one is already touched.
+//
+// The pool holds no reference to a buffer in use: a gradient's storage owns its memory through a
+// DataPtr whose deleter gives the memory back to the pool, so a buffer becomes idle exactly when its
+// storage is destroyed (the last tensor, view, .grad, Python storage object or saved variable gone),
+// as with any allocator. Autograd sees an ordinary storage (it may accumulate into it, steal it into
+// .grad, share_memory_() may swap its memory out: the old memory then comes back here, unused). At
+// most kPoolSlots idle buffers of at least kPoolMinBytes are kept (malloc keeps the small ones on its
+// own free lists); release_gradient_cache() frees them and set_gradient_cache(false) stops the
+// pooling. Memory is freed outside the lock.
+constexpr size_t kPoolSlots = 2;
+constexpr size_t kPoolMinBytes = size_t(4) << 20;
 
-struct GradCache {
-  std::mutex mutex;
-  bool enabled = true;
-  c10::Storage slots[kGradCacheSlots];
-  uint64_t last_use[kGradCacheSlots] = {};
-  uint64_t clock = 0;
+struct PoolBlock {
+  c10::DataPtr memory;  // from the CPU allocator; freed when the block is deleted
+  size_t bytes;
 };
 
-GradCache& grad_cache() {
-  static GradCache* cache = new GradCache();  // never destroyed: no order-of-destruction issue at exit
-  return *cache;
+struct GradPool {
+  std::mutex mutex;
+  bool enabled = true;
+  std::vector<PoolBlock*> idle;  // most recently returned last
+};
+
+GradPool& grad_pool() {
+  static GradPool* pool = new GradPool();  // never destroyed: a gradient may outlive static destructors
+  return *pool;
+}
+
+// The deleter of a pooled gradient's DataPtr: the storage is gone, its memory goes back to the pool
+// (or, the pool being off or full, is freed: the least recently returned block first).
+void return_to_pool(void* ctx) {
+  PoolBlock* block = static_cast<PoolBlock*>(ctx);
+  PoolBlock* evicted = nullptr;
+  {
+    GradPool& pool = grad_pool();
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    if (pool.enabled) {
+      pool.idle.push_back(block);
+      block = nullptr;
+      if (pool.idle.size() > kPoolSlots) {
+        evicted = pool.idle.front();
+        pool.idle.erase(pool.idle.begin());
+      }
+    }
+  }
+  delete block;
+  delete evicted;
 }
 
 Tensor fresh_grad_buffer(const Tensor& logits) {
@@ -224,31 +252,36 @@ Tensor fresh_grad_buffer(const Tensor& logits) {
   return grad;
 }
 
-// A contiguous buffer of the logits' shape and dtype for the gradient, reused where one is idle.
+// A contiguous buffer of the logits' shape and dtype for the gradient: an idle pooled one of the same
+// size when there is one, else fresh memory that returns to the pool when its storage is destroyed.
 Tensor new_grad_buffer(const Tensor& logits) {
   const size_t bytes = static_cast<size_t>(logits.numel()) * logits.element_size();
-  if (bytes < kGradCacheMinBytes) return fresh_grad_buffer(logits);
-  GradCache& cache = grad_cache();
-  std::lock_guard<std::mutex> lock(cache.mutex);
-  if (!cache.enabled) return fresh_grad_buffer(logits);
-  const uint64_t now = ++cache.clock;
-  int victim = -1;
-  for (int i = 0; i < kGradCacheSlots; ++i) {
-    c10::Storage& slot = cache.slots[i];
-    const bool idle = !slot || slot.use_count() == 1;
-    if (idle && slot && slot.nbytes() == bytes) {
-      Tensor grad = at::empty({0}, logits.options());
-      grad.set_(slot, 0, logits.sizes());  // contiguous strides
-      cache.last_use[i] = now;
-      return grad;
+  if (bytes < kPoolMinBytes) return fresh_grad_buffer(logits);
+  GradPool& pool = grad_pool();
+  PoolBlock* block = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    if (!pool.enabled) return fresh_grad_buffer(logits);
+    for (size_t i = pool.idle.size(); i-- > 0;) {
+      if (pool.idle[i]->bytes == bytes) {
+        block = pool.idle[i];
+        pool.idle.erase(pool.idle.begin() + static_cast<std::ptrdiff_t>(i));
+        break;
+      }
     }
-    if (idle && (victim < 0 || cache.last_use[i] < cache.last_use[victim])) victim = i;
   }
-  Tensor grad = fresh_grad_buffer(logits);
-  if (victim >= 0) {  // replaces the least recently used idle slot (every slot busy: not kept)
-    cache.slots[victim] = grad.storage();
-    cache.last_use[victim] = now;
+  if (block == nullptr) {
+    c10::Allocator* cpu_allocator = c10::GetCPUAllocator();
+    block = new PoolBlock{cpu_allocator->allocate(bytes), bytes};
+    advise_huge_pages(block->memory.get(), bytes);
   }
+  c10::DataPtr data(block->memory.get(), block, &return_to_pool, c10::Device(c10::DeviceType::CPU));
+  // Resizable with the CPU allocator: a resize_ past this size moves the tensor to fresh memory and
+  // this block back to the pool, like any storage.
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data), c10::GetCPUAllocator(),
+                       /*resizable=*/true);
+  Tensor grad = at::empty({0}, logits.options());
+  grad.set_(storage, 0, logits.sizes());  // contiguous strides
   return grad;
 }
 
@@ -379,37 +412,39 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
 std::string cpu::kernel_variant() { return rows_variant().name; }
 
 void cpu::set_gradient_cache(bool enabled) {
-  GradCache& cache = grad_cache();
-  std::lock_guard<std::mutex> lock(cache.mutex);
-  cache.enabled = enabled;
+  GradPool& pool = grad_pool();
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  pool.enabled = enabled;
 }
 
 bool cpu::gradient_cache_enabled() {
-  GradCache& cache = grad_cache();
-  std::lock_guard<std::mutex> lock(cache.mutex);
-  return cache.enabled;
+  GradPool& pool = grad_pool();
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  return pool.enabled;
 }
 
-// Only the cache's references are dropped: a buffer still in use is freed by its last user as usual.
+// Frees the idle buffers; buffers in use are unaffected (they come back when their storage goes).
 int64_t cpu::release_gradient_cache() {
-  GradCache& cache = grad_cache();
-  std::lock_guard<std::mutex> lock(cache.mutex);
-  int64_t idle_bytes = 0;
-  for (c10::Storage& slot : cache.slots) {
-    if (slot && slot.use_count() == 1) idle_bytes += static_cast<int64_t>(slot.nbytes());
-    slot = c10::Storage();
+  std::vector<PoolBlock*> idle;
+  {
+    GradPool& pool = grad_pool();
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    idle.swap(pool.idle);
   }
-  return idle_bytes;
+  int64_t bytes = 0;
+  for (PoolBlock* block : idle) {
+    bytes += static_cast<int64_t>(block->bytes);
+    delete block;
+  }
+  return bytes;
 }
 
 int64_t cpu::gradient_cache_bytes() {
-  GradCache& cache = grad_cache();
-  std::lock_guard<std::mutex> lock(cache.mutex);
-  int64_t idle_bytes = 0;
-  for (const c10::Storage& slot : cache.slots) {
-    if (slot && slot.use_count() == 1) idle_bytes += static_cast<int64_t>(slot.nbytes());
-  }
-  return idle_bytes;
+  GradPool& pool = grad_pool();
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  int64_t bytes = 0;
+  for (const PoolBlock* block : pool.idle) bytes += static_cast<int64_t>(block->bytes);
+  return bytes;
 }
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits_in, const Tensor& target,
