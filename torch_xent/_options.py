@@ -50,8 +50,8 @@ def loss_options(reduction="mean", ignore_index=-100, label_smoothing=0.0, z_los
     Python scalars; anything else (a tensor, a NumPy number) and invalid values are checked on
     every call, and so is every call under torch.compile (which warns about memoised functions)."""
     plain = _PLAIN
-    if (not _checks.is_compiling() and type(reduction) in plain and type(ignore_index) in plain and type(label_smoothing) in plain
-            and type(z_loss) in plain and type(softcap) in plain):
+    if (not _checks.is_compiling() and type(reduction) in plain and type(ignore_index) in plain
+            and type(label_smoothing) in plain and type(z_loss) in plain and type(softcap) in plain):
         return _checked_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
     return _check_options(reduction, ignore_index, label_smoothing, z_loss, softcap)
 

@@ -64,16 +64,16 @@ int64_t parallel_threads(int64_t tasks);
 // AVX512_BF16 (AVX512, with bfloat16 run by xent_rows_x86_avx512_bf16.cpp).
 std::string kernel_variant();
 
-// Processes rows [begin, end) of the problem (with positions > 0: tiles [begin, end), tile t being
-// positions [s0, s0 + kPositionTile) of batch item t / ceil(S / kPositionTile)): writes row_loss, lse
-// and (when grad) the gradient.
-// The CPU op's cache of idle gradient buffers (xent_kernel.cpp): turn the reuse on or off, free the
+// The CPU op's pool of idle gradient buffers (xent_kernel.cpp): turn the reuse on or off, free the
 // idle buffers (returns their bytes), and how many bytes of idle buffers it holds now.
 void set_gradient_cache(bool enabled);
 bool gradient_cache_enabled();
 int64_t release_gradient_cache();
 int64_t gradient_cache_bytes();
 
+// Processes rows [begin, end) of the problem (with positions > 0: tiles [begin, end), tile t being
+// positions [s0, s0 + kPositionTile) of batch item t / ceil(S / kPositionTile)): writes row_loss, lse
+// and (when grad) the gradient.
 using RowsFn = void (*)(const RowsArgs& args, int64_t begin, int64_t end);
 
 namespace DEFAULT {
