@@ -76,18 +76,33 @@ int64_t gradient_cache_bytes();
 // and (when grad) the gradient.
 using RowsFn = void (*)(const RowsArgs& args, int64_t begin, int64_t end);
 
+// One block of the pass over class targets (xent_targets.h): returns the mean's denominator over
+// y[0, n) (the count of the targets that are not ignore_index, or the sum of their weights, weight
+// being (C,) float or double, or null) and sets first_bad to the first index of y outside [0, C)
+// that is not ignore_index, or -1.
+using TargetsFn = double (*)(const int64_t* y, int64_t n, int64_t classes, int64_t ignore_index, const void* weight,
+                             DType weight_dtype, int64_t* first_bad);
+
 namespace DEFAULT {
 void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
+double class_targets(const int64_t* y, int64_t n, int64_t classes, int64_t ignore_index, const void* weight,
+                     DType weight_dtype, int64_t* first_bad);
 }
 #if TORCH_XENT_X86_VARIANTS
 namespace AVX2 {
 void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
+double class_targets(const int64_t* y, int64_t n, int64_t classes, int64_t ignore_index, const void* weight,
+                     DType weight_dtype, int64_t* first_bad);
 }
 namespace AVX512 {
 void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
+double class_targets(const int64_t* y, int64_t n, int64_t classes, int64_t ignore_index, const void* weight,
+                     DType weight_dtype, int64_t* first_bad);
 }
 namespace AVX512_BF16 {
 void cross_entropy_rows(const RowsArgs& args, int64_t begin, int64_t end);
+double class_targets(const int64_t* y, int64_t n, int64_t classes, int64_t ignore_index, const void* weight,
+                     DType weight_dtype, int64_t* first_bad);
 }
 #endif
 

@@ -58,6 +58,7 @@ using at::Tensor;
 
 struct RowsVariant {
   cpu::RowsFn fn;
+  cpu::TargetsFn targets;
   const char* name;
 };
 
@@ -70,12 +71,12 @@ RowsVariant select_rows_kernel() {
     // bfloat16 stores in one instruction where the CPU has AVX512_BF16.
     const char* env = std::getenv("TORCH_XENT_AVX512_BF16");
     const bool allowed = env == nullptr || std::string(env) != "0";
-    if (allowed && __builtin_cpu_supports("avx512bf16")) return {&cpu::AVX512_BF16::cross_entropy_rows, "AVX512_BF16"};
-    return {&cpu::AVX512::cross_entropy_rows, "AVX512"};
+    if (allowed && __builtin_cpu_supports("avx512bf16")) return {&cpu::AVX512_BF16::cross_entropy_rows, &cpu::AVX512_BF16::class_targets, "AVX512_BF16"};
+    return {&cpu::AVX512::cross_entropy_rows, &cpu::AVX512::class_targets, "AVX512"};
   }
-  if (capability == "AVX2") return {&cpu::AVX2::cross_entropy_rows, "AVX2"};
+  if (capability == "AVX2") return {&cpu::AVX2::cross_entropy_rows, &cpu::AVX2::class_targets, "AVX2"};
 #endif
-  return {&cpu::DEFAULT::cross_entropy_rows, "DEFAULT"};
+  return {&cpu::DEFAULT::cross_entropy_rows, &cpu::DEFAULT::class_targets, "DEFAULT"};
 }
 
 const RowsVariant& rows_variant() {
@@ -118,53 +119,20 @@ double deterministic_sum(const acc_t* x, int64_t n) {
 
 // The one pass over class targets: raises PyTorch's IndexError for the first index outside [0, C)
 // that is not ignore_index (before anything is written, which the in-place op relies on), and
-// returns the mean's denominator: the summed weights w[y] of the rows that count.
-template <typename acc_t>
-double check_class_targets(const int64_t* y, int64_t rows, int64_t classes, int64_t ignore_index,
-                           const acc_t* weight) {
+// returns the mean's denominator: the summed weights w[y] of the rows that count. The blocks run in
+// the kernel's instruction set (xent_targets.h); their sums are added in block order.
+double check_class_targets(const int64_t* y, int64_t rows, int64_t classes, int64_t ignore_index, const void* weight,
+                           cpu::DType weight_dtype) {
+  const cpu::TargetsFn fn = rows_variant().targets;
   const int64_t blocks = (rows + kSumBlock - 1) / kSumBlock;
   std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> first_bad(static_cast<size_t>(blocks), -1);
   for_each_block(blocks, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * kSumBlock, e = std::min(rows, (b + 1) * kSumBlock);
-      double s = 0;
+      const int64_t i0 = b * kSumBlock, n = std::min(rows, (b + 1) * kSumBlock) - i0;
       int64_t bad = -1;
-      if (weight == nullptr) {
-        // Without weights the denominator is a count (the same double as summing 1.0s): a loop
-        // without branches (ignored targets are scattered, a branch on them is mispredicted), on
-        // local copies (the captured references could alias y); a bad index, rare, is then looked for.
-        const int64_t ignore = ignore_index;
-        const uint64_t limit = static_cast<uint64_t>(classes);
-        int64_t count = 0;
-        uint64_t bad_bits = 0;
-        for (int64_t i = i0; i < e; ++i) {
-          const int64_t t = y[i];
-          const uint64_t counted = t != ignore ? 1 : 0;
-          count += static_cast<int64_t>(counted);
-          bad_bits |= counted & (static_cast<uint64_t>(t) >= limit ? 1 : 0);
-        }
-        const bool any_bad = bad_bits != 0;
-        s = static_cast<double>(count);
-        for (int64_t i = i0; any_bad && i < e; ++i) {
-          if (y[i] != ignore_index && (y[i] < 0 || y[i] >= classes)) {
-            bad = i;
-            break;
-          }
-        }
-      } else {
-        for (int64_t i = i0; i < e; ++i) {
-          const int64_t t = y[i];
-          if (t == ignore_index) continue;
-          if (t < 0 || t >= classes) {
-            bad = i;
-            break;
-          }
-          s += static_cast<double>(weight[t]);
-        }
-      }
-      partial[static_cast<size_t>(b)] = s;
-      first_bad[static_cast<size_t>(b)] = bad;
+      partial[static_cast<size_t>(b)] = fn(y + i0, n, classes, ignore_index, weight, weight_dtype, &bad);
+      first_bad[static_cast<size_t>(b)] = bad < 0 ? -1 : i0 + bad;
     }
   });
   double denom = 0;
@@ -344,13 +312,8 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& logits, const Tensor& targe
     args.target_prob = target.data_ptr();
   } else {
     args.target = target.data_ptr<int64_t>();
-    if (weight.defined()) {
-      denom = acc == at::kDouble
-                  ? check_class_targets(args.target, rows, classes, ignore_index, weight.data_ptr<double>())
-                  : check_class_targets(args.target, rows, classes, ignore_index, weight.data_ptr<float>());
-    } else {
-      denom = check_class_targets<float>(args.target, rows, classes, ignore_index, nullptr);
-    }
+    denom = check_class_targets(args.target, rows, classes, ignore_index, args.weight,
+                                acc == at::kDouble ? cpu::DType::kDouble : cpu::DType::kFloat);
   }
   // 0/0 stays NaN, as in PyTorch: an all-ignored (or empty) batch has a NaN mean.
   const double scale = reduction == kReductionMean ? 1.0 / denom : 1.0;

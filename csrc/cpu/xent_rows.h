@@ -8,6 +8,7 @@
 //   xent_row_kernel.h   RowKernel: one row at a time, vectorised along the classes
 //   xent_few_classes.h  SmallClassKernel: a vector of rows at a time, for a handful of classes
 //   xent_position_kernel.h  PositionKernel: K-dimensional (N, C, S) input, vectorised along positions
+//   xent_targets.h      the pass over class targets before the kernel (range check, denominator)
 //   this file           dispatch on dtype, target kind, softcap and gradient
 #pragma once
 
@@ -17,6 +18,7 @@
 #include "cpu/xent_few_classes.h"
 #include "cpu/xent_position_kernel.h"
 #include "cpu/xent_row_kernel.h"
+#include "cpu/xent_targets.h"
 
 namespace torch_xent {
 namespace cpu {
