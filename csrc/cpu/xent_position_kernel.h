@@ -52,6 +52,8 @@ class PositionKernel {
   // a softcap (computed once) and for half-precision logits (converted once).
   static constexpr bool kStage = kSoftcap || !std::is_same<scalar_t, acc_t>::value;
   static constexpr int64_t kSumBlock = 16;  // classes per innermost partial sum
+  static constexpr int kLogTile = 6;
+  static_assert(T == int64_t(1) << kLogTile, "kLogTile is log2 of the tile");
 
  public:
   explicit PositionKernel(const RowsArgs& a)
@@ -182,6 +184,24 @@ class PositionKernel {
     }
 #else
     for (int64_t r = 0; r < T; ++r) out[r] = base[yi[r] * stride + r * step];
+#endif
+  }
+
+  // scratch[yi[r] * T + r] = in[r] for r in [0, T): one entry of each position's column.
+  static XENT_INLINE void scatter(const acc_t* in, const int64_t* yi, acc_t* scratch) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t r = 0; r < T; r += 8) {
+      const __m512i idx = _mm512_add_epi64(_mm512_slli_epi64(_mm512_load_si512(yi + r), kLogTile),
+                                           _mm512_add_epi64(lanes, _mm512_set1_epi64(r)));
+      if constexpr (std::is_same<acc_t, float>::value) {
+        _mm512_i64scatter_ps(scratch, idx, _mm256_load_ps(in + r), 4);
+      } else {
+        _mm512_i64scatter_pd(scratch, idx, _mm512_load_pd(in + r), 8);
+      }
+    }
+#else
+    for (int64_t r = 0; r < T; ++r) scratch[yi[r] * T + r] = in[r];
 #endif
   }
 
@@ -396,16 +416,29 @@ class PositionKernel {
       }
     }
     if constexpr (!kProb && !kSoftcap) {
-      // Where every exponential of an ignored position is finite (its sum is: each is at most 1),
-      // a factor 0 makes its gradient exactly 0, and only the target's class differs from e_j f: one
-      // multiply a class, and the targets written afterwards, one scalar store each. (An ignored
-      // position with a NaN or an infinite max takes the general loop below.)
+      // Every class of a position gets e_j f, less the smoothing share, except its target, which gets
+      // e_y f - q_y: writing e_y - q_y / f over e_y in the scratch first makes that one loop of a
+      // multiply a class, the targets' entries included. An ignored position gets f = 0, so exactly 0
+      // where its exponentials are finite (their sum is: each is at most 1). A tile with an ignored
+      // position whose exponentials are not (a NaN logit, an infinite max), or with f = 0 where q_y
+      // is not (a z_loss that cancels sum_q), takes the general loop below.
+      const Vec zero(acc_t(0));
+      Vec share[NV];
       bool clean = true;
       for (int i = 0; i < NV; ++i) {
+        f[i] = Vec::blendv(zero, f[i], valid[i]);
+        share[i] = target_q[i] & valid[i];
         clean &= (valid[i] | (s[i] < Vec(std::numeric_limits<acc_t>::infinity()))).zero_mask() == 0;
+        clean &= ((f[i] == zero) & (share[i] != zero)).zero_mask() == (1 << kVS) - 1;
       }
       if (clean) {
-        for (int i = 0; i < NV; ++i) f[i] = Vec::blendv(Vec(acc_t(0)), f[i], valid[i]);
+        alignas(64) acc_t ey[T];
+        for (int i = 0; i < NV; ++i) {
+          // Pass 2's exponential (the same function of the same argument), where q_y = 0 unchanged.
+          const Vec e = B::exp(zy[i] - m[i]);
+          Vec::blendv(e, e - share[i] / f[i], share[i] != zero).store(ey + i * kVS);
+        }
+        scatter(ey, yi, scratch);  // an ignored position writes its class 0's own value back
         for (int64_t j = 0; j < C_; ++j) {
           Vec v[NV];
           load_acc(scratch + j * T, v);
@@ -417,18 +450,6 @@ class PositionKernel {
           }
           store_tile(g + j * S_, npos, v);
         }
-        // The target's class: the same exponential as pass 2's (the same function of the same
-        // argument), less its target share.
-        Vec gt[NV];
-        for (int i = 0; i < NV; ++i) {
-          const Vec e = B::exp(zy[i] - m[i]);
-          Vec q = target_q[i];
-          if (smoothing) q = q + Vec(smooth) * wy[i] * vscale;
-          gt[i] = Vec::blendv(Vec(acc_t(0)), e * f[i] - q, valid[i]);
-        }
-        alignas(64) scalar_t gy[T];
-        store_tile(gy, T, gt);
-        for (int64_t r = 0; r < npos; ++r) g[yi[r] * S_ + r] = gy[r];  // an ignored one: 0 at class 0
         return;
       }
     }
