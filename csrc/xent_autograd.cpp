@@ -143,6 +143,16 @@ Tensor cross_entropy_loss(const Tensor& logits, const Tensor& target, const std:
   TORCH_CHECK(logits.dim() == 2, "torch_xent::_cross_entropy_loss: logits must be 2-D (M, C), got ", logits.dim(),
               "-D");
   TORCH_CHECK(!target.is_floating_point(), "torch_xent::_cross_entropy_loss: class-index targets only");
+  if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
+    // No graph to record: the loss alone, without the gradient the node would keep.
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("torch_xent::cross_entropy_forward", "")
+                               .typed<ForwardSignature>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Tensor loss =
+        std::get<0>(op.call(logits, target, weight, reduction, ignore_index, label_smoothing, 0.0, 0.0, false, false));
+    return loss.scalar_type() == logits.scalar_type() ? loss : loss.to(logits.scalar_type());
+  }
   return CrossEntropyNode::apply(logits, target, weight, reduction, ignore_index, label_smoothing);
 }
 

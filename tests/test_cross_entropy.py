@@ -528,3 +528,49 @@ def test_remembered_options_are_still_checked_each_call():
     for smoothing in (0.0, 0.2, 0.0):
         torch.testing.assert_close(torch_xent.cross_entropy(x, y, label_smoothing=smoothing),
                                    F.cross_entropy(x, y, label_smoothing=smoothing))
+
+
+SMALL_IMPLS = ["aten", "auto"] + (["native"] if torch_xent.native_available("cpu") else [])
+
+
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_small_cpu_problems(impl, dtype):
+    """A small CPU problem in its common form (2-D logits, int64 targets, no class weights) takes a
+    short way to its op (functional._tiny_cpu_loss): the same values, gradients and errors as
+    F.cross_entropy; with the native kernel, the loss without a gradient is the one with it, bit for
+    bit."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 6, generator=gen).to(dtype)
+    y = torch.randint(0, 6, (37,), generator=gen)
+    y[::5] = 2
+    for kw in ({}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 2, "label_smoothing": 0.15},
+               {"ignore_index": 2, "reduction": "none"}):
+        with torch.no_grad():
+            alone = torch_xent.cross_entropy(x, y, impl=impl, **kw)
+        assert alone.grad_fn is None and alone.dtype == dtype
+        assert_close(alone, F.cross_entropy(x.double(), y, **kw).to(dtype), dtype)
+        xg = x.clone().requires_grad_()
+        loss = torch_xent.cross_entropy(xg, y, impl=impl, **kw)
+        assert loss.grad_fn is not None
+        if impl != "aten":  # the native kernel both ways
+            assert torch.equal(alone, loss.detach())
+        xr = x.double().requires_grad_()
+        ref = F.cross_entropy(xr, y, **kw)
+        up = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
+        (g,) = torch.autograd.grad(loss, xg, up.to(dtype))
+        (gr,) = torch.autograd.grad(ref, xr, up)
+        assert_close(g, gr.to(dtype), dtype)
+    # Bad input: PyTorch's exceptions, whether the short way sees them or the general one.
+    bad = y.clone()
+    bad[3] = 6
+    with pytest.raises(IndexError, match="Target 6 is out of bounds"):
+        torch_xent.cross_entropy(x, bad, impl=impl)
+    with pytest.raises(ValueError, match=r"Expected input batch_size \(37\) to match target batch_size \(36\)"):
+        torch_xent.cross_entropy(x, y[:36], impl=impl)
+    with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte"):
+        torch_xent.cross_entropy(x, y.int(), impl=impl)
+    with pytest.raises(NotImplementedError, match="logits must be floating point"):
+        torch_xent.cross_entropy(y.reshape(37, 1).expand(37, 6).contiguous(), y, impl=impl)
+    with pytest.raises(TypeError, match="target must be a Tensor"):
+        torch_xent.cross_entropy(x, [1, 2, 3], impl=impl)

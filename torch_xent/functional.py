@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_xent import _checks, aten
+from torch_xent import _native
 from torch_xent._native import resolve_impl
 from torch_xent._options import LossOptions, loss_options
 from torch_xent._checks import is_compiling
@@ -107,7 +108,36 @@ def _native_node_applies(kernel, logits, soft, opts, inplace_backward) -> bool:
             and not is_batched(logits))
 
 
+def _tiny_cpu_loss(input, target, opts: LossOptions, impl):
+    """The loss of a small CPU problem in its common form (2-D float logits, 1-D int64 targets of the
+    same batch, no class weights, no z_loss or softcap), or None for every other problem. At a few
+    thousand logits a loss costs its per-call overhead, so this path does only the checks whose
+    failures PyTorch's op would not report as ``F.cross_entropy`` does; anything else, bad input
+    included, goes the general way with every check. The native kernel runs through its C++ op
+    (which keeps a C++ autograd node where a gradient is wanted), the pure-PyTorch path through
+    F.cross_entropy's own op, as :func:`torch_xent.aten.runs_torch_loss` says it would."""
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.is_cpu and target.is_cpu
+            and input.dim() == 2 and target.dim() == 1 and target.dtype is torch.int64
+            and input.dtype.is_floating_point and 0 < input.numel() <= aten.TORCH_LOSS_ELEMENTS
+            and target.shape[0] == input.shape[0] and not opts.z_loss and opts.softcap is None):
+        return None
+    native = _native._AVAILABLE.get("cpu", False)
+    if impl == "aten" or (impl == "auto" and not native):
+        if is_compiling():
+            return None
+        return torch._C._nn.cross_entropy_loss(input, target, None, opts.reduction_code, opts.ignore_index,
+                                               opts.label_smoothing)
+    if (impl == "auto" or impl == "native") and native and not is_compiling() and not is_batched(input):
+        return torch.ops.torch_xent._cross_entropy_loss(input, target, None, opts.reduction_code, opts.ignore_index,
+                                                        opts.label_smoothing)
+    return None
+
+
 def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, impl, with_lse=False):
+    if weight is None and not with_lse and not inplace_backward:
+        loss = _tiny_cpu_loss(input, target, opts, impl)
+        if loss is not None:
+            return loss, None
     _checks.check_logits(input)
     kernel = resolve_impl(impl, input.device)
     soft = _checks.check_targets(input, target, opts.ignore_index)
