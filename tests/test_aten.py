@@ -76,6 +76,51 @@ def test_forward_matches_reference(device, dtype, shape, option, budget):
                                      what=f"no grad, {what}")
 
 
+# (N, C, S): K-dimensional input in its own layout, in chunks of positions of one batch item.
+POSITION_SHAPES = [(2, 5, 7), (3, 19, 10), (1, 150, 4), (2, 3, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", POSITION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_positions_match_reference(device, dtype, shape, option, budget):
+    """(N, C, S) logits against the reference on the same problem as rows: (N, S) outputs, the
+    gradient in the logits' layout, chunks of 1 and 3 positions (partial, never across items) and the
+    default, in place, without host reads, without the gradient or the lse."""
+    opts = OPTIONS[option]
+    n, c, s = shape
+    logits, target, weight = make_problem(shape, dtype, device, opts)
+    soft = target.is_floating_point()
+    rows = logits.movedim(1, -1).reshape(-1, c)
+    tgt = target.movedim(1, -1).reshape(-1, c) if soft else target.reshape(-1)
+    itemsize = 8 if dtype == torch.float64 else 4
+    for reduction, chunk, variant in ((0, None, "in place"), (1, 1, "no host reads"), (2, 3, "in place"),
+                                      (0, 3, "no grad")):
+        budget(chunk, c, itemsize)
+        o = op_options(opts, reduction)
+        what = f"{shape} reduction={reduction} chunk={chunk} {variant}"
+        if variant == "in place":
+            buf = logits.clone()
+            loss, lse, grad = aten.cross_entropy_forward(buf, target, weight, o, True, inplace=True)
+            assert grad is buf, what
+        else:
+            loss, lse, grad = aten.cross_entropy_forward(logits, target, weight, o, variant != "no grad",
+                                                         host_reads=False if variant == "no host reads" else None)
+        assert lse.shape == (n, s) and loss.shape == ((n, s) if reduction == 0 else ()), what
+        if variant == "no grad":
+            assert grad.numel() == 0, what
+            grad = None
+        else:
+            assert grad.shape == logits.shape and grad.is_contiguous(), what
+            grad = grad.movedim(1, -1).reshape(-1, c).contiguous()
+        out = (loss.reshape(-1) if reduction == 0 else loss, lse.reshape(-1), grad)
+        assert_matches_reference(out, rows, tgt, weight, o, compute_grad=grad is not None, what=what)
+    lean = aten.cross_entropy_forward(logits, target, weight, op_options(opts, 1), False, need_lse=False)
+    if not opts.get("z_loss"):
+        assert lean[1].numel() == 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("host_reads", [None, False], ids=["host", "no-host"])

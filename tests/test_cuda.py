@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import torch_xent
-from helpers import DTYPES, assert_matches_reference, make_problem, op_args
+from helpers import DTYPES, assert_close, assert_matches_reference, make_problem, op_args
 from torch_xent import LossOptions, reference
 
 needs_gpu = pytest.mark.skipif(
@@ -388,7 +388,7 @@ def emulator(tmp_path_factory):
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7 + [
         ctypes.c_double, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_double,
-        ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     return fn
 
 
@@ -444,7 +444,7 @@ def emulate(fn, logits, target, weight, reduction, ignore_index=-100, label_smoo
     rc = fn(EMU_DTYPES[logits.dtype], mode, logits.data_ptr(), grad.data_ptr() if grad is not None else None,
             None if soft else target.data_ptr(), target.data_ptr() if soft else None,
             weight.data_ptr() if weight is not None else None, row_loss.data_ptr(), lse.data_ptr(), scale, m, c,
-            ignore_index, label_smoothing, z_loss, softcap, threads, cluster, chunk, int(cache))
+            ignore_index, label_smoothing, z_loss, softcap, threads, cluster, chunk, int(cache), 0)
     assert rc == 0, "the lanes of a warp disagreed after the butterfly reduction" if rc == 1 else f"rc {rc}"
     if reduction == 0:
         loss = row_loss
@@ -552,3 +552,151 @@ def test_emulated_production_configs_cover_every_path():
     assert kernel_config(16385, torch.float32, True)[3]
     # 131072 classes span up to 32769 slots (a misaligned row): 8 blocks of 4097.
     assert kernel_config(131072, torch.float32, True, cluster_max=8)[1:3] == (8, 4097)
+
+
+# ---------------------------------------------------------------------------------------------
+# K-dimensional input in its own layout, (N, C, S) logits: the CUDA kernel's per-position code
+# (csrc/cuda/xent_positions.cuh), run thread by thread by the emulator.
+
+
+def emulate_positions(fn, logits, target, weight, reduction, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                      softcap=0.0, compute_grad=True, inplace=False, need_lse=True):
+    """What the CUDA op returns for (N, C, S) logits, computed by the emulator: (loss, lse, grad)."""
+    n, c, s = logits.shape
+    m = n * s
+    soft = target.is_floating_point()
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    mode = MODES["soft" if soft else "hard_weighted" if weight is not None and label_smoothing > 0 else "hard"]
+    if reduction == 1:  # as xent_mean_scale_kernel over the (N, S) targets
+        if soft:
+            scale = 1.0 / m if m else float("nan")
+        else:
+            flat = target.reshape(-1)
+            ok = (flat != ignore_index) & (flat >= 0) & (flat < c)
+            w = weight.to(acc)[flat[ok]] if weight is not None else torch.ones(int(ok.sum()), dtype=acc)
+            denom = float(w.sum(dtype=acc))
+            scale = 1.0 / denom if denom else float("inf")
+    else:
+        scale = 1.0
+    row_loss = torch.full((n, s), 123.0, dtype=acc)  # poison: every position must be written
+    lse = torch.full((n, s), 123.0, dtype=acc) if need_lse else None
+    grad = logits if inplace else torch.full_like(logits, 77.0) if compute_grad else None
+    rc = fn(EMU_DTYPES[logits.dtype], mode, logits.data_ptr(), grad.data_ptr() if grad is not None else None,
+            None if soft else target.data_ptr(), target.data_ptr() if soft else None,
+            weight.data_ptr() if weight is not None else None, row_loss.data_ptr(),
+            lse.data_ptr() if lse is not None else None, scale, m, c, ignore_index, label_smoothing, z_loss, softcap,
+            1, 1, 0, 0, s)
+    assert rc == 0, f"rc {rc}"
+    loss = row_loss if reduction == 0 else (row_loss.sum(dtype=acc) * (scale if reduction == 1 else 1.0)).to(acc)
+    return loss, lse, grad if grad is not None else logits.new_empty(0)
+
+
+def check_emulated_positions(fn, logits, target, weight, reduction, ignore_index=-100, label_smoothing=0.0,
+                             z_loss=0.0, softcap=0.0):
+    """The emulated (N, C, S) op against the reference on the same problem as rows, in place too."""
+    n, c, s = logits.shape
+    loss, lse, grad = emulate_positions(fn, logits, target, weight, reduction, ignore_index, label_smoothing,
+                                        z_loss, softcap)
+    rows = logits.movedim(1, -1).reshape(-1, c)
+    tgt = target.movedim(1, -1).reshape(-1, c) if target.is_floating_point() else target.reshape(-1)
+    rows_out = (loss.reshape(-1) if reduction == 0 else loss, lse.reshape(-1),
+                grad.movedim(1, -1).reshape(-1, c).contiguous())
+    opts = LossOptions(("none", "mean", "sum")[reduction], ignore_index, label_smoothing, z_loss, softcap or None)
+    assert_matches_reference(rows_out, rows, tgt, weight, opts, True, what=f"positions {tuple(logits.shape)}")
+    # Without the gradient and without the lse: the same loss; in place: the same gradient, bit for bit.
+    lean = emulate_positions(fn, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                             compute_grad=False, need_lse=False)
+    torch.testing.assert_close(lean[0], loss, equal_nan=True, rtol=0, atol=0)
+    buf = logits.clone()
+    emulate_positions(fn, buf, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, inplace=True)
+    torch.testing.assert_close(buf, grad, equal_nan=True, rtol=0, atol=0)
+
+
+# K = 1, 2, 3 flattened to S, odd sizes, a single position, few and many classes.
+POSITION_SHAPES = [(2, 3, 1), (1, 5, 7), (3, 19, 64), (2, 7, 67), (2, 37, 130), (1, 150, 45), (2, 1000, 3), (1, 4, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", POSITION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_emulated_positions(emulator, shape, dtype, option):
+    opts = OPTIONS[option]
+    logits, target, w = make_problem(shape, dtype, "cpu", dict(opts, scale=4.0), 11 * shape[1] + len(option))
+    for reduction in (0, 1, 2):
+        check_emulated_positions(emulator, logits, target, w, reduction, *op_args(opts))
+
+
+def test_emulated_positions_edge_values(emulator):
+    """NaN and +-inf logits, an all -inf position, ignored positions holding NaN, every position of an
+    item ignored, an out-of-range target (a NaN position, never read): as the row kernel's rows."""
+    c, s = 6, 40
+    logits, target, _ = make_problem((3, c, s), torch.float32, "cpu", dict(scale=4.0), 3)
+    logits[0, 2, 0] = float("nan")                                 # position 0: a NaN logit
+    logits[0, (int(target[0, 1]) + 1) % c, 1] = float("inf")       # position 1: +inf off the target
+    logits[0, (int(target[0, 2]) + 1) % c, 2] = float("-inf")      # position 2: -inf off the target
+    logits[0, int(target[0, 3]), 3] = float("-inf")                # position 3: -inf at the target
+    target[0, 5] = -100
+    logits[0, :, 5] = float("nan")                                 # position 5: ignored, all NaN
+    target[0, 6] = c + 3                                           # position 6: out of range
+    target[2] = -100                                               # item 2: nothing counts
+    loss, lse, grad = emulate_positions(emulator, logits, target, None, 0)
+    rows = grad[0].t()
+    _assert_edge_rows(loss[0], lse[0], rows, target[0], c)
+    assert loss[0, 6].isnan() and lse[0, 6].isnan() and rows[6].isnan().all()
+    assert (loss[2] == 0).all() and (lse[2] == 0).all() and (grad[2] == 0).all()
+    for reduction in (1, 2):  # the NaN positions make the reduced loss NaN, as PyTorch's would
+        assert emulate_positions(emulator, logits, target, None, reduction)[0].isnan()
+    # Large magnitudes keep their digits (the loss is computed relative to the position's max).
+    big, target, w = make_problem((2, 301, 9), torch.float32, "cpu", dict(weight=True, scale=1e4), 4)
+    for smoothing in (0.0, 0.1):
+        loss, lse, grad = emulate_positions(emulator, big, target, w, 0, -100, smoothing)
+        rows = big.movedim(1, -1).reshape(-1, 301).double()
+        rloss, _, rgrad = reference.cross_entropy_forward(rows, target.reshape(-1), w.double(),
+                                                          LossOptions("none", -100, smoothing))
+        torch.testing.assert_close(loss.reshape(-1).double(), rloss, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(grad.movedim(1, -1).reshape(-1, 301).double(), rgrad, rtol=1e-4, atol=1e-6)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("shape", [(2, 19, 33, 17), (1, 150, 64), (3, 5, 2, 3, 7), (1, 1000, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_positions_on_gpu(shape, option, dtype):
+    """K-dimensional input on the GPU through the position kernel: the op on the (N, C, S) view against
+    the reference, the loss through torch_xent.cross_entropy against F.cross_entropy's, the gradient in
+    the input's own layout (in place: in the logits' storage)."""
+    opts = OPTIONS[option]
+    logits, target, w = make_problem(shape, dtype, "cuda", dict(opts, scale=4.0), len(option) + shape[1])
+    n, c = shape[0], shape[1]
+    view = logits.view(n, c, -1)
+    tgt = target.view(n, c, -1) if target.is_floating_point() else target.view(n, -1)
+    for reduction in (0, 1, 2):
+        out = OPS.cross_entropy_forward(view, tgt, w, reduction, *op_args(opts), True)
+        rows = view.movedim(1, -1).reshape(-1, c)
+        rt = tgt.movedim(1, -1).reshape(-1, c) if tgt.is_floating_point() else tgt.reshape(-1)
+        rows_out = (out[0].reshape(-1) if reduction == 0 else out[0], out[1].reshape(-1),
+                    out[2].movedim(1, -1).reshape(-1, c).contiguous())
+        ignore_index, smoothing, z_loss, cap = op_args(opts)
+        o = LossOptions(("none", "mean", "sum")[reduction], ignore_index, smoothing, z_loss, cap or None)
+        assert_matches_reference(rows_out, rows, rt, w, o, True, what=f"positions {shape}")
+        buf = view.clone()
+        ip_loss, _ = OPS.cross_entropy_forward_inplace(buf, tgt, w, reduction, *op_args(opts))
+        torch.testing.assert_close(buf, out[2], equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(ip_loss, out[0], equal_nan=True, rtol=0, atol=0)
+    x = logits.clone().requires_grad_()
+    ignore_index, smoothing, z_loss, cap = op_args(opts)
+    kw = dict(ignore_index=ignore_index, label_smoothing=smoothing, z_loss=z_loss, softcap=cap or None)
+    loss = torch_xent.cross_entropy(x, target, weight=w, impl="native", **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.shape == x.shape and grad.is_contiguous()
+    xr = logits.double().requires_grad_()
+    ref = torch_xent.cross_entropy(xr, target, weight=None if w is None else w.double(), impl="reference", **kw)
+    (rgrad,) = torch.autograd.grad(ref, xr)
+    assert_close(loss, ref.to(dtype), dtype, "loss", "acc", num_classes=c)
+    assert_close(grad, rgrad.to(dtype), dtype, "grad", "grad")
+    x = logits.clone().requires_grad_()
+    y = x * 1  # a non-leaf, so the in-place gradient may overwrite it
+    loss = torch_xent.cross_entropy(y, target, weight=w, impl="native", inplace_backward=True, **kw)
+    (g2,) = torch.autograd.grad(loss, y)
+    assert g2.data_ptr() == y.data_ptr()

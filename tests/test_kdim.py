@@ -24,7 +24,7 @@ ops = torch.ops.torch_xent
 
 NATIVE_CPU = torch_xent.native_available("cpu")
 needs_native = pytest.mark.skipif(not NATIVE_CPU, reason="the CPU kernel is not built")
-IMPLS = ["reference"] + (["native"] if NATIVE_CPU else [])
+IMPLS = ["reference", "aten"] + (["native"] if NATIVE_CPU else [])
 
 OPTIONS = {
     "plain": {},
@@ -227,14 +227,16 @@ def test_matches_functional(impl, dtype, shape, layout, option):
             assert_close(g, e, dtype, what)
 
 
-@needs_native
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_gradient_in_the_input_layout(layout):
-    """The gradient comes back in the input's own layout; with inplace_backward it is the input's storage."""
+def test_gradient_in_the_input_layout(layout, impl, monkeypatch):
+    """The gradient comes back in the input's own layout; with inplace_backward it is the input's storage.
+    (The pure-PyTorch path in chunks of 10 positions: several a batch item, the last one partial.)"""
+    monkeypatch.setattr(torch_xent.aten, "CPU_CHUNK_BYTES", 10 * 19 * 4)
     x, target, weight = make_problem((2, 19, 9, 13), torch.float32, opts={"weight": True, "ignore_index": 255})
     kw = dict(ignore_index=255, label_smoothing=0.1)
     leaf = laid_out(x, layout).detach().requires_grad_()
-    (grad,) = torch.autograd.grad(torch_xent.cross_entropy(leaf, target, weight, impl="native", **kw), leaf)
+    (grad,) = torch.autograd.grad(torch_xent.cross_entropy(leaf, target, weight, impl=impl, **kw), leaf)
     assert grad.stride() == leaf.stride()
     expect = torch.autograd.grad(expected_loss(leaf, target, weight, **kw), leaf)[0]
     assert_close(grad, expect, torch.float32)
@@ -242,7 +244,7 @@ def test_gradient_in_the_input_layout(layout):
     base = x.detach().clone().requires_grad_()
     logits = laid_out(base * 1.0, layout)  # a non-leaf, as a model's output
     strides = logits.stride()
-    loss = torch_xent.cross_entropy(logits, target, weight, impl="native", inplace_backward=True, **kw)
+    loss = torch_xent.cross_entropy(logits, target, weight, impl=impl, inplace_backward=True, **kw)
     loss.backward()
     # The logits' own storage now holds the gradient, in their layout; autograd handed it on.
     assert logits.stride() == strides

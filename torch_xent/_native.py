@@ -179,8 +179,8 @@ if _C is not None:
         return (logits.shape[0],) if logits.dim() == 2 else (logits.shape[0], logits.shape[2])
 
     def _lse_shape(logits, need_lse):
-        # (N, C, S) logits on the CPU skip the lse nobody will read; rows and the CUDA kernel return it.
-        return (0,) if not need_lse and logits.dim() == 3 and logits.device.type == "cpu" else _row_shape(logits)
+        # (N, C, S) logits skip the lse nobody will read (CPU and CUDA kernels); rows return it.
+        return (0,) if not need_lse and logits.dim() == 3 else _row_shape(logits)
 
     @torch.library.register_fake("torch_xent::cross_entropy_forward")
     def _forward_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,

@@ -102,6 +102,8 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
 
     logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64; target: (M,) int64 class
     indices or (M, C) probabilities in the logits' dtype; weight: (C,) in the logits' dtype or None.
+    Or K-dim input in its own layout: logits (N, C, S) contiguous, target (N, S) or (N, C, S), and the
+    per-row outputs (N, S), M = N * S.
     Returns (loss, lse, grad): loss (M,) for reduction "none", else 0-d, and lse (M,), both in the
     accumulation dtype (float32 for the half types); grad (M, C) in the logits' dtype, empty without
     ``compute_grad``. With ``inplace`` (and ``compute_grad``) the gradient is written into ``logits``
@@ -115,11 +117,27 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     and gradient do not need it, and two sweeps of each chunk (the row max and the log-probabilities'
     max) are saved; ``lse`` is then an empty tensor.
     """
-    num_rows, num_classes = logits.shape
+    compiling = is_compiling()
+    if logits.dim() == 3 and compiling:
+        # Under torch.compile one chunk of rows, whose layout change the compiler fuses.
+        n, c, s = logits.shape
+        rows = logits.transpose(1, 2).reshape(n * s, c)
+        tgt = target.transpose(1, 2).reshape(n * s, c) if target.dtype.is_floating_point else target.reshape(-1)
+        loss, lse, grad = cross_entropy_forward(rows, tgt, weight, opts, compute_grad, False, host_reads, need_lse)
+        if opts.reduction == "none":
+            loss = loss.reshape(n, s)
+        if lse.numel():
+            lse = lse.reshape(n, s)
+        if compute_grad:
+            grad = grad.reshape(n, s, c).transpose(1, 2)
+            grad = logits.copy_(grad) if inplace else grad.contiguous()
+        return loss, lse, grad
+    positions = logits.dim() == 3  # (N, C, S): K-dim input in its own layout, M = N * S rows
+    num_classes = logits.shape[1]
+    num_rows = logits.shape[0] * logits.shape[2] if positions else logits.shape[0]
     dtype = logits.dtype
     acc = _acc_dtype(dtype)
     device = logits.device
-    compiling = is_compiling()
     host = _host_reads_allowed(device) if host_reads is None else bool(host_reads)
     inplace = inplace and compute_grad
     soft = target.dtype.is_floating_point
@@ -129,7 +147,7 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     # logits keep the chunked code, whose conversion goes into a reused chunk buffer.)
     elements = num_rows * num_classes
     one_chunk = not compute_grad and dtype == acc and elements * logits.element_size() <= CPU_CHUNK_BYTES
-    if (host and not soft and 0 < elements and (elements <= SMALL_ELEMENTS or one_chunk)
+    if (host and not soft and not positions and 0 < elements and (elements <= SMALL_ELEMENTS or one_chunk)
             and not opts.label_smoothing and not opts.z_loss and opts.softcap is None):
         return _small_forward(logits, target, weight, opts, compute_grad, inplace, acc, need_lse)
     need_lse = need_lse or bool(opts.z_loss)
@@ -143,6 +161,7 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     if soft:
         sum_w = None
     else:
+        target = target.reshape(-1)  # (N, S) class targets are the (M,) rows' (a view)
         valid = target != opts.ignore_index
         if host:
             check_targets_in_range(target, num_classes, opts.ignore_index)
@@ -171,17 +190,36 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
         grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     rows = num_rows if compiling else chunk_rows(num_rows, num_classes, device, acc, half=dtype != acc)
     # Where the log-probabilities (then the gradient) of a chunk are computed: straight in the
-    # gradient buffer when it has the accumulation dtype and is not the logits themselves.
-    direct = compute_grad and not inplace and dtype == acc and not compiling
+    # gradient buffer when it has the accumulation dtype, is not the logits themselves, and its chunk
+    # is rows of contiguous memory.
+    direct = compute_grad and not inplace and dtype == acc and not compiling and not positions
     temps = _Temps(rows, num_classes, acc, device, compiling)
     losses, lses = [], []
     # Under torch.compile one chunk, without a loop over symbolic sizes (dynamic=True keeps one graph).
-    bounds = [(0, num_rows)] if compiling else [(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
+    # (N, C, S) logits: chunks of positions of one batch item, each seen as (P, C) rows through a
+    # transposed view of the logits (and of the gradient and soft target), so that nothing of the
+    # logits' size is copied; ATen copies a chunk where an operation needs it contiguous.
+    if compiling:
+        bounds = [(0, num_rows)]
+    elif positions:
+        per_item = logits.shape[2]
+        bounds = [(i * per_item + s, i * per_item + min(s + rows, per_item))
+                  for i in range(logits.shape[0]) for s in range(0, per_item, rows)]
+    else:
+        bounds = [(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
+
+    def chunk_of(t, start, end):
+        if not positions:
+            return t[start:end]
+        i, s = divmod(start, logits.shape[2])
+        return t[i, :, s:s + end - start].t()
+
     for start, end in bounds:
         sl = slice(start, end)
         loss_c, lse_c, grad_c = _chunk(
-            logits[sl], compute_grad, None if grad is None else grad[sl], direct, temps, opts, soft,
-            target[sl], None if y is None else y[sl], None if wy is None else wy[sl], w, sum_w,
+            chunk_of(logits, start, end), compute_grad, None if grad is None else chunk_of(grad, start, end), direct,
+            temps, opts, soft, chunk_of(target, start, end) if soft else target[sl],
+            None if y is None else y[sl], None if wy is None else wy[sl], w, sum_w,
             None if row_scale is None else row_scale[sl],
             None if not zero_ignored else valid[sl], None if bad is None else bad[sl], eps, z_loss, acc, need_lse)
         losses.append(loss_c)
@@ -203,6 +241,10 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
         loss_rows = torch.where(bad, float("nan"), loss_rows)
         if need_lse:
             lse = torch.where(bad, float("nan"), lse)
+    if positions:
+        loss_rows = loss_rows.reshape(logits.shape[0], logits.shape[2])
+        if need_lse:
+            lse = lse.reshape(logits.shape[0], logits.shape[2])
     if opts.reduction == "none":
         loss = loss_rows
     elif opts.reduction == "sum":

@@ -15,7 +15,7 @@ from torch_xent._checks import is_compiling
 
 
 def fused_forward(logits, target, weight, opts: LossOptions, compute_grad, inplace, kernel, need_lse=True):
-    """Runs one implementation on a 2-D contiguous (M, C) problem (or, native CPU kernel only, a 3-D
+    """Runs one implementation on a 2-D contiguous (M, C) problem (or, native kernels only, a 3-D
     contiguous (N, C, S) one: K-dim input in its own layout, rows (N, S)): ``kernel`` is "native"
     (the compiled op), "aten" (the fast pure-PyTorch path) or "reference" (the readable one), as
     ``torch_xent._native.resolve_impl`` chose it.
@@ -60,9 +60,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
 
     ``apply(logits, target, weight, opts, inplace_backward, kernel[, need_lse])`` -> (loss, lse)
 
-    - logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64; or, for the native CPU
-      kernel, (N, C, S) contiguous (K-dim input with its positions flattened, M = N * S rows whose
-      loss and lse are (N, S), and whose gradient comes back in that layout).
+    - logits: (M, C) contiguous, float16 / bfloat16 / float32 / float64; or, for the native
+      kernels (CPU and CUDA), (N, C, S) contiguous (K-dim input with its positions flattened,
+      M = N * S rows whose loss and lse are (N, S), and whose gradient comes back in that layout).
     - target: (M,) int64 class indices, or (M, C) class probabilities in the logits' dtype
       ((N, S) and (N, C, S) for 3-D logits).
     - weight: (C,) in the logits' dtype, or None.

@@ -21,7 +21,8 @@ from torch_xent._checks import is_compiling
 from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward, is_batched
 
 
-# The CPU kernel's K-dim layout compares class indices in float32 lanes: exact below 2**24.
+# The CPU kernel's K-dim layout compares class indices in float32 lanes: exact below 2**24 (the
+# CUDA kernel's too, for one limit on every device).
 _POSITIONS_MAX_CLASSES = 1 << 24
 
 
@@ -30,8 +31,9 @@ def _flatten_problem(input, target, soft, positions_layout=False):
     out_shape is the shape of the unreduced loss.
 
     K-dim (N, C, d1, ..., dK) input is copied to (M, C) rows only when it has to be: channels-last
-    memory already is rows (a view), and with ``positions_layout`` (the CPU kernel) contiguous input
-    becomes an (N, C, S) view that the kernel reads as it is. Other layouts are copied."""
+    memory already is rows (a view), and with ``positions_layout`` (the compiled kernels and the
+    pure-PyTorch path) contiguous input becomes an (N, C, S) view that the kernel reads as it is.
+    Other layouts are copied."""
     num_classes = input.shape[0 if input.dim() == 1 else 1]
     if input.dim() == 1:
         out_shape = ()
@@ -108,22 +110,24 @@ def _native_node_applies(kernel, logits, soft, opts, inplace_backward) -> bool:
             and not is_batched(logits))
 
 
-def _tiny_cpu_loss(input, target, opts: LossOptions, impl):
-    """The loss of a small CPU problem in its common form (2-D float logits, 1-D int64 targets of the
-    same batch, no class weights, no z_loss or softcap), or None for every other problem. At a few
-    thousand logits a loss costs its per-call overhead, so this path does only the checks whose
-    failures PyTorch's op would not report as ``F.cross_entropy`` does; anything else, bad input
-    included, goes the general way with every check. The native kernel runs through its C++ op
-    (which keeps a C++ autograd node where a gradient is wanted), the pure-PyTorch path through
-    F.cross_entropy's own op, as :func:`torch_xent.aten.runs_torch_loss` says it would."""
+def _plain_cpu_loss(input, target, opts: LossOptions, impl):
+    """The loss of a CPU problem in its common form (2-D float logits, 1-D int64 targets of the same
+    batch, no class weights, no z_loss or softcap), or None for every other problem. At a few
+    thousand logits a loss costs its per-call overhead, so this way does only the checks whose
+    failures the op would not report as ``F.cross_entropy`` does; anything else, bad input included,
+    goes the general way with every check. The native kernel runs through its C++ op (a C++ autograd
+    node where a gradient is wanted, the loss alone otherwise: what the general way runs for this
+    form), the pure-PyTorch path through F.cross_entropy's own op up to
+    :data:`torch_xent.aten.TORCH_LOSS_ELEMENTS` logits, as :func:`torch_xent.aten.runs_torch_loss`
+    says it would."""
     if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.is_cpu and target.is_cpu
             and input.dim() == 2 and target.dim() == 1 and target.dtype is torch.int64
-            and input.dtype.is_floating_point and 0 < input.numel() <= aten.TORCH_LOSS_ELEMENTS
-            and target.shape[0] == input.shape[0] and not opts.z_loss and opts.softcap is None):
+            and input.dtype.is_floating_point and input.numel() > 0 and target.shape[0] == input.shape[0]
+            and not opts.z_loss and opts.softcap is None):
         return None
     native = _native._AVAILABLE.get("cpu", False)
     if impl == "aten" or (impl == "auto" and not native):
-        if is_compiling():
+        if input.numel() > aten.TORCH_LOSS_ELEMENTS or is_compiling():
             return None
         return torch._C._nn.cross_entropy_loss(input, target, None, opts.reduction_code, opts.ignore_index,
                                                opts.label_smoothing)
@@ -135,13 +139,14 @@ def _tiny_cpu_loss(input, target, opts: LossOptions, impl):
 
 def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, impl, with_lse=False):
     if weight is None and not with_lse and not inplace_backward:
-        loss = _tiny_cpu_loss(input, target, opts, impl)
+        loss = _plain_cpu_loss(input, target, opts, impl)
         if loss is not None:
             return loss, None
     _checks.check_logits(input)
     kernel = resolve_impl(impl, input.device)
     soft = _checks.check_targets(input, target, opts.ignore_index)
-    logits, tgt, out_shape = _flatten_problem(input, target, soft, kernel == "native" and input.device.type == "cpu")
+    logits, tgt, out_shape = _flatten_problem(
+        input, target, soft, kernel == "aten" or (kernel == "native" and input.device.type in ("cpu", "cuda")))
     weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
     if not with_lse and kernel == "aten" and aten.runs_torch_loss(logits, opts, inplace_backward):

@@ -1,5 +1,5 @@
-// Runs the CUDA kernels' per-row code (xent_rows.cuh) on the CPU, one thread of the GPU after
-// another, for tests on machines without a GPU (tests/test_cuda.py builds this file with a host
+// Runs the CUDA kernels' per-row code (xent_rows.cuh) and per-position code (xent_positions.cuh) on
+// the CPU, one thread of the GPU after another, for tests on machines without a GPU (tests/test_cuda.py builds this file with a host
 // C++ compiler and the CUDA headers, and calls it through ctypes). It is not part of the extension.
 //
 // What it checks: the span / slot partition of a row over the threads of a group, a block or a
@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "xent_positions.cuh"
 #include "xent_rows.cuh"
 
 namespace {
@@ -101,10 +102,24 @@ int dispatch_mode(int mode, const RowParams<T, acc_t>& p, int nthreads) {
   }
 }
 
+template <typename T, typename acc_t>
+int emulate_positions(int mode, const RowParams<T, acc_t>& p, int64_t S) {
+  // The kernel's threads, one after another (each touches only its own position's elements).
+  for (int64_t row = 0; row < p.M; ++row) {
+    switch (mode) {
+      case kHard: process_position<T, acc_t, kHard>(p, S, row); break;
+      case kHardWeighted: process_position<T, acc_t, kHardWeighted>(p, S, row); break;
+      case kSoft: process_position<T, acc_t, kSoft>(p, S, row); break;
+      default: return 2;
+    }
+  }
+  return 0;
+}
+
 template <typename T>
 int run(int mode, const void* logits, void* grad, const int64_t* target, const void* soft, const void* weight,
         void* row_loss, void* lse, double scale, int64_t M, int C, int64_t ignore_index, double eps, double z_loss,
-        double cap, int nthreads, int cluster, int chunk_slots, int cache) {
+        double cap, int nthreads, int cluster, int chunk_slots, int cache, int64_t positions) {
   using acc_t = typename AccOf<T>::type;
   RowParams<T, acc_t> p{};
   p.logits = static_cast<const T*>(logits);
@@ -125,26 +140,29 @@ int run(int mode, const void* logits, void* grad, const int64_t* target, const v
   p.chunk_slots = chunk_slots;
   p.cluster = cluster;
   p.cache = cache != 0;
+  if (positions > 0) return emulate_positions<T, acc_t>(mode, p, positions);
   return dispatch_mode<T, acc_t>(mode, p, nthreads);
 }
 
 }  // namespace
 
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16. Returns 0 on success, 1 if a warp's lanes
-// disagreed after the butterfly, 2 for a bad argument.
+// disagreed after the butterfly, 2 for a bad argument. With positions = S > 0 the problem is
+// (N, C, S) K-dimensional input (M = N * S positions; lse may be null) and the thread
+// configuration arguments are unused.
 extern "C" int xent_emulate_rows(int dtype, int mode, const void* logits, void* grad, const int64_t* target,
                                  const void* soft, const void* weight, void* row_loss, void* lse, double scale,
                                  int64_t M, int C, int64_t ignore_index, double eps, double z_loss, double cap,
-                                 int nthreads, int cluster, int chunk_slots, int cache) {
+                                 int nthreads, int cluster, int chunk_slots, int cache, int64_t positions) {
   switch (dtype) {
     case 0: return run<float>(mode, logits, grad, target, soft, weight, row_loss, lse, scale, M, C, ignore_index, eps,
-                              z_loss, cap, nthreads, cluster, chunk_slots, cache);
+                              z_loss, cap, nthreads, cluster, chunk_slots, cache, positions);
     case 1: return run<double>(mode, logits, grad, target, soft, weight, row_loss, lse, scale, M, C, ignore_index,
-                               eps, z_loss, cap, nthreads, cluster, chunk_slots, cache);
+                               eps, z_loss, cap, nthreads, cluster, chunk_slots, cache, positions);
     case 2: return run<__half>(mode, logits, grad, target, soft, weight, row_loss, lse, scale, M, C, ignore_index,
-                               eps, z_loss, cap, nthreads, cluster, chunk_slots, cache);
+                               eps, z_loss, cap, nthreads, cluster, chunk_slots, cache, positions);
     case 3: return run<__nv_bfloat16>(mode, logits, grad, target, soft, weight, row_loss, lse, scale, M, C,
-                                      ignore_index, eps, z_loss, cap, nthreads, cluster, chunk_slots, cache);
+                                      ignore_index, eps, z_loss, cap, nthreads, cluster, chunk_slots, cache, positions);
     default: return 2;
   }
 }

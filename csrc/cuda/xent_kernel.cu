@@ -35,9 +35,11 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "xent_checks.h"
 #include "xent_math.h"
+#include "xent_positions.cuh"
 #include "xent_rows.cuh"
 
 namespace torch_xent {
@@ -152,6 +154,19 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads, 4) xent_rows_block_kernel
 #else
   (void)clustered;
 #endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-dimensional input in its own layout, (N, C, S) logits: a thread a position
+// (xent_positions.cuh), consecutive threads on consecutive positions, so each class's loads and
+// stores are contiguous across a warp.
+constexpr int kPositionThreads = 256;
+
+template <typename T, typename acc_t, int MODE>
+__global__ void __launch_bounds__(kPositionThreads) xent_positions_kernel(const RowParams<T, acc_t> p,
+                                                                         const int64_t S) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kPositionThreads + threadIdx.x;
+  if (row < p.M) process_position<T, acc_t, MODE>(p, S, row);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,15 +360,24 @@ void launch_rows(RowParams<T, acc_t> p, int device, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, typename acc_t, int MODE>
+void launch_positions(const RowParams<T, acc_t>& p, int64_t S, cudaStream_t stream) {
+  const int64_t blocks = ceil_div(p.M, kPositionThreads);
+  TORCH_CHECK(blocks < std::numeric_limits<int32_t>::max(), "torch_xent: too many positions for one launch (", p.M,
+              ")");
+  xent_positions_kernel<T, acc_t, MODE><<<static_cast<unsigned>(blocks), kPositionThreads, 0, stream>>>(p, S);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The shared checks (../xent_checks.h), after this backend's own: the logits on a GPU, and rows
 // that 32-bit in-row indices can walk (row offsets are 64-bit; a row of 2^31 classes is beyond any use).
 void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target,
                   const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing, double softcap) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor for this kernel, got ", logits.device());
   check_forward_arguments(op, logits, target, weight, reduction, label_smoothing, softcap);
-  // K-dimensional input reaches this kernel as (M, C) rows (torch_xent.functional copies it so).
-  TORCH_CHECK(logits.dim() == 2, op, ": the CUDA kernel takes 2-D (M, C) logits, got ", logits.dim(),
-              " dimensions");
+  // K-dimensional input reaches this kernel as (M, C) rows, or contiguous as (N, C, S) positions.
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, op, ": the CUDA kernel takes 2-D (M, C) or 3-D (N, C, S) "
+              "logits, got ", logits.dim(), " dimensions");
   TORCH_CHECK(logits.size(1) < std::numeric_limits<int32_t>::max() - 64, op,
               ": at most 2^31 - 65 classes are supported on CUDA, got ", logits.size(1));
 }
@@ -363,23 +387,28 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& ta
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target_in,
                                                 const std::optional<at::Tensor>& weight_in, int64_t reduction,
                                                 int64_t ignore_index, double label_smoothing, double z_loss,
-                                                double softcap, const at::Tensor& grad) {
+                                                double softcap, const at::Tensor& grad, bool need_lse) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor target = target_in.contiguous();
   std::optional<at::Tensor> weight;
   if (weight_in.has_value() && weight_in->defined()) weight = weight_in->contiguous();
-  const int64_t M = logits.size(0), C = logits.size(1);
+  // 3-D logits are (N, C, S) positions: the per-row outputs are (N, S), M = N * S.
+  const bool nd = logits.dim() == 3;
+  const int64_t S = nd ? logits.size(2) : 0;
+  const int64_t M = nd ? logits.size(0) * S : logits.size(0), C = logits.size(1);
+  const std::vector<int64_t> row_shape = nd ? std::vector<int64_t>{logits.size(0), S} : std::vector<int64_t>{M};
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = logits.options().dtype(acc_type);
   const bool soft = target.is_floating_point();
-  at::Tensor lse = at::empty({M}, acc_opts);
+  // Positions can skip the lse (need_lse=False); a row keeps it in a register and returns it anyway.
+  at::Tensor lse = (need_lse || !nd) ? at::empty(row_shape, acc_opts) : at::empty({0}, acc_opts);
   if (M == 0) {
-    at::Tensor loss = reduction == kReductionNone ? at::empty({0}, acc_opts)
+    at::Tensor loss = reduction == kReductionNone ? at::empty(row_shape, acc_opts)
                       : reduction == kReductionSum ? at::zeros({}, acc_opts)
                                                    : at::full({}, std::numeric_limits<double>::quiet_NaN(), acc_opts);
     return {loss, lse};
   }
-  at::Tensor row_loss = at::empty({M}, acc_opts);
+  at::Tensor row_loss = at::empty(row_shape, acc_opts);
   at::Tensor loss = reduction == kReductionNone ? row_loss : at::empty({}, acc_opts);
   const bool has_weight = weight.has_value() && weight->defined();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index());
@@ -395,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
     p.soft = soft ? reinterpret_cast<const T*>(target.const_data_ptr<scalar_t>()) : nullptr;
     p.weight = has_weight ? reinterpret_cast<const T*>(weight->const_data_ptr<scalar_t>()) : nullptr;
     p.row_loss = row_loss.mutable_data_ptr<acc_t>();
-    p.lse = lse.mutable_data_ptr<acc_t>();
+    p.lse = lse.numel() ? lse.mutable_data_ptr<acc_t>() : nullptr;
     p.M = M;
     p.C = static_cast<int>(C);
     p.ignore_index = ignore_index;
@@ -416,7 +445,15 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
         p.scale_ptr = scale_buffer.const_data_ptr<acc_t>();
       }
     }
-    if (soft) {
+    if (nd) {
+      if (soft) {
+        launch_positions<T, acc_t, kSoft>(p, S, stream);
+      } else if (has_weight && label_smoothing > 0.0) {
+        launch_positions<T, acc_t, kHardWeighted>(p, S, stream);
+      } else {
+        launch_positions<T, acc_t, kHard>(p, S, stream);
+      }
+    } else if (soft) {
       launch_rows<T, acc_t, kSoft>(p, device, stream);
     } else if (has_weight && label_smoothing > 0.0) {
       launch_rows<T, acc_t, kHardWeighted>(p, device, stream);
@@ -435,22 +472,23 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool compute_grad,
-    bool /*need_lse: 2-D rows keep the lse in a register, so it is always returned*/) {
+    bool need_lse) {
   check_inputs("torch_xent::cross_entropy_forward", logits_in, target, weight, reduction, label_smoothing, softcap);
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor grad = compute_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous) : logits.new_empty({0});
   auto [loss, lse] = forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                                  compute_grad ? grad : at::Tensor());
+                                  compute_grad ? grad : at::Tensor(), need_lse);
   return {loss, lse, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_inplace_cuda(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool /*need_lse*/) {
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool need_lse) {
   check_inputs("torch_xent::cross_entropy_forward_inplace", logits, target, weight, reduction, label_smoothing,
                softcap);
   check_inplace_arguments("torch_xent::cross_entropy_forward_inplace", logits, target);
-  return forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, logits);
+  return forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, logits,
+                      need_lse);
 }
 
 }  // namespace

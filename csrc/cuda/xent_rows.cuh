@@ -457,6 +457,44 @@ XENT_ROW_FN void fill_grad(T* grow, const T* zrow, const Span& sp, int lane, int
   for (int ls = lane; ls < sp.nslots; ls += nthreads) store_slot(grow, sp.j_begin + ls * kVec, sp.jlo, sp.jhi, g_vec, out);
 }
 
+// A row's loss and lse from its combined statistics, and the gradient pass's scalars before the
+// reduction's scale (scale_result folds it in). Everything relative to the row max, as PyTorch's
+// log_softmax does (row_loss_shifted).
+template <typename acc_t, int MODE>
+XENT_ROW_FN RowResult<acc_t> finish_row(const Stats<acc_t>& st, const TargetTerms<acc_t>& tt, acc_t wy, int C,
+                                        acc_t eps, acc_t z_loss, acc_t& loss, acc_t& lse) {
+  RowResult<acc_t> r;
+  r.ref = ref_of(st.m);
+  r.log_sum = acc_log(st.s);
+  lse = st.m == neg_inf<acc_t>() ? neg_inf<acc_t>() : st.m + r.log_sum;
+  acc_t sum_q, q_dot_z;
+  r.target_q = acc_t(0);
+  r.smooth = acc_t(0);
+  if (MODE == kSoft) {
+    sum_q = st.qsum;
+    q_dot_z = st.dot;
+  } else {
+    const acc_t weight_total = MODE == kHardWeighted ? st.qsum : static_cast<acc_t>(C);
+    const HardTargetCoef<acc_t> k = hard_target_coef(eps, wy, weight_total, C);
+    r.target_q = k.target_q;
+    r.smooth = k.smooth;
+    sum_q = k.sum_q;
+    q_dot_z = weighted_logit(k.target_q, st.zy - r.ref) + (tt.smooth_on ? k.smooth * st.dot : acc_t(0));
+  }
+  loss = row_loss_shifted(r.log_sum, lse, sum_q, q_dot_z, z_loss);
+  r.coef = softmax_coef(lse, sum_q, z_loss);
+  r.scale = acc_t(1);
+  return r;
+}
+
+template <typename acc_t>
+XENT_ROW_FN void scale_result(RowResult<acc_t>& r, acc_t scale) {
+  r.coef *= scale;
+  r.target_q *= scale;
+  r.smooth *= scale;
+  r.scale = scale;
+}
+
 // The whole per-row computation for one thread of the group (or block / cluster) that owns the row.
 // reduce(stats) must return the group-wide combination, identical in every thread.
 template <typename T, typename acc_t, int MODE, typename Reduce>
@@ -494,36 +532,14 @@ XENT_ROW_FN void process_row(const RowParams<T, acc_t>& p, int64_t row, int rank
 
   Stats<acc_t> st = scan_row<T, acc_t, MODE>(p, tt, zrow, trow, sp, lane, nthreads, grow ? cache : nullptr);
   st = reduce(st);
-
-  // Everything relative to the row max, as PyTorch's log_softmax does (row_loss_shifted).
-  const acc_t ref = ref_of(st.m);
-  const acc_t log_sum = acc_log(st.s);
-  const acc_t lse = st.m == neg_inf<acc_t>() ? neg_inf<acc_t>() : st.m + log_sum;
-  acc_t sum_q, q_dot_z, target_q = acc_t(0), smooth = acc_t(0);
-  if (MODE == kSoft) {
-    sum_q = st.qsum;
-    q_dot_z = st.dot;
-  } else {
-    const acc_t weight_total = MODE == kHardWeighted ? st.qsum : static_cast<acc_t>(C);
-    const HardTargetCoef<acc_t> k = hard_target_coef(p.eps, wy, weight_total, C);
-    target_q = k.target_q;
-    smooth = k.smooth;
-    sum_q = k.sum_q;
-    q_dot_z = weighted_logit(k.target_q, st.zy - ref) + (tt.smooth_on ? k.smooth * st.dot : acc_t(0));
-  }
+  acc_t loss, lse;
+  RowResult<acc_t> r = finish_row<acc_t, MODE>(st, tt, wy, C, p.eps, p.z_loss, loss, lse);
   if (writer) {
-    p.row_loss[row] = row_loss_shifted(log_sum, lse, sum_q, q_dot_z, p.z_loss);
+    p.row_loss[row] = loss;
     p.lse[row] = lse;
   }
   if (grow != nullptr) {
-    const acc_t scale = p.scale_ptr != nullptr ? *p.scale_ptr : p.scale;
-    RowResult<acc_t> r;
-    r.ref = ref;
-    r.log_sum = log_sum;
-    r.coef = scale * softmax_coef(lse, sum_q, p.z_loss);
-    r.target_q = scale * target_q;
-    r.smooth = scale * smooth;
-    r.scale = scale;
+    scale_result(r, p.scale_ptr != nullptr ? *p.scale_ptr : p.scale);
     write_grad<T, acc_t, MODE>(p, tt, zrow, trow, grow, sp, lane, nthreads, cache, r);
   }
 }
