@@ -196,9 +196,9 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     temps = _Temps(rows, num_classes, acc, device, compiling)
     losses, lses = [], []
     # Under torch.compile one chunk, without a loop over symbolic sizes (dynamic=True keeps one graph).
-    # (N, C, S) logits: chunks of positions of one batch item, each seen as (P, C) rows through a
-    # transposed view of the logits (and of the gradient and soft target), so that nothing of the
-    # logits' size is copied; ATen copies a chunk where an operation needs it contiguous.
+    # (N, C, S) logits: chunks of positions of one batch item, (C, P) views of the logits (and of the
+    # gradient and soft target) that _chunk_positions reduces over the classes, dimension 0, with
+    # the positions contiguous: nothing of the logits' size is copied or transposed.
     if compiling:
         bounds = [(0, num_rows)]
     elif positions:
@@ -212,11 +212,11 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
         if not positions:
             return t[start:end]
         i, s = divmod(start, logits.shape[2])
-        return t[i, :, s:s + end - start].t()
+        return t[i, :, s:s + end - start]
 
     for start, end in bounds:
         sl = slice(start, end)
-        loss_c, lse_c, grad_c = _chunk(
+        loss_c, lse_c, grad_c = (_chunk_positions if positions else _chunk)(
             chunk_of(logits, start, end), compute_grad, None if grad is None else chunk_of(grad, start, end), direct,
             temps, opts, soft, chunk_of(target, start, end) if soft else target[sl],
             None if y is None else y[sl], None if wy is None else wy[sl], w, sum_w,
@@ -393,6 +393,95 @@ def _chunk(z, want_grad, g, direct, temps, opts, soft, t, y, wy, w, sum_w, row_s
         p.masked_fill_(~valid.unsqueeze(1), 0.0)
     if bad is not None:
         p.masked_fill_(bad.unsqueeze(1), float("nan"))
+    if g is not None and p is not g:
+        g.copy_(p)
+    return loss, lse, p
+
+
+def _chunk_positions(z, want_grad, g, direct, temps, opts, soft, t, y, wy, w, sum_w, row_scale, valid, bad, eps,
+                     z_loss, acc, need_lse=True):
+    """_chunk for a chunk of positions of K-dim input: z, g and soft targets t are (C, P) views (the
+    classes S elements apart, the P positions contiguous), the per-position data (P,). The same
+    terms as _chunk's, reduced over dimension 0, each relative to the position's max m:
+    d = zc - m, lse = m + log sum exp(d), loss = sum_q log sum exp(d) - sum_j q_j d_j (+ z-loss),
+    grad = row_scale * (coef * exp(d) / sum exp(d) - q) * dcap. Returns (loss (P,), lse (P,), grad)."""
+    c, r = z.shape
+    if r == 0:
+        return z.new_zeros(0, dtype=acc), z.new_zeros(0, dtype=acc), None
+    def scratch(name):  # a (C, P) buffer in the chunk's (rows, C) scratch (None under torch.compile)
+        b = temps.get(name, r)
+        return None if b is None else b.view(-1)[:c * r].view(c, r)
+
+    buf = scratch("x")
+    dcap = None
+    if opts.softcap is not None:
+        cap = opts.softcap
+        x = _into(buf, z, acc)
+        x.div_(cap).tanh_()
+        dbuf = scratch("dcap")
+        dcap = torch.mul(x, x, out=dbuf) if dbuf is not None else x * x
+        dcap.neg_().add_(1.0)
+        x.mul_(cap)
+    else:
+        x = z if z.dtype == acc else _into(buf, z, acc)
+    m = x.amax(0)
+    # d = x - m, then exp(d), in the gradient's chunk where it has the accumulation dtype (and is not
+    # the logits themselves), else in scratch.
+    if want_grad and g is not None and g.dtype == acc and g.data_ptr() != z.data_ptr():
+        d = torch.sub(x, m, out=g)
+    elif buf is not None and x is not buf:
+        d = torch.sub(x, m, out=buf)
+    elif buf is not None:
+        d = x.sub_(m)
+    else:
+        d = x - m
+    if soft:
+        q = _into(scratch("q"), t, acc)
+        if eps:
+            q.mul_(1.0 - eps).add_(eps / c)
+        if w is not None:
+            q.mul_(w.unsqueeze(1))
+        sum_q = q.sum(0)
+        dot = torch.where(q != 0, q * d, 0.0).sum(0)  # a class of probability 0 counts for nothing
+    else:
+        target_w = (1.0 - eps) if wy is None else (1.0 - eps) * wy
+        sum_q = target_w
+        dot = target_w * d.gather(0, y.unsqueeze(0)).squeeze(0)
+        if eps:
+            smooth = d.sum(0) if w is None else w @ d
+            dot = dot + (eps / c) * smooth
+            sum_q = sum_q + (eps / c) * sum_w
+    e = d.exp_()
+    s_ = e.sum(0)
+    log_sum = s_.log()
+    lse = m + log_sum
+    loss = sum_q * log_sum - dot
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    if not need_lse:
+        lse = lse.new_empty(0)
+    if not want_grad:
+        return loss, lse, None
+    coef = sum_q + 2.0 * z_loss * (m + log_sum) if z_loss else sum_q
+    coef = coef * row_scale if row_scale is not None else coef
+    p = e.mul_((coef / s_).unsqueeze(0))
+    if soft:
+        if row_scale is not None:
+            q.mul_(row_scale.unsqueeze(0))
+        p.sub_(q)
+    else:
+        p.scatter_add_(0, y.unsqueeze(0), (-target_w * row_scale).unsqueeze(0))
+        if eps:
+            if w is None:
+                p.sub_(row_scale.unsqueeze(0), alpha=eps / c)
+            else:
+                p.addr_(w, row_scale, alpha=-eps / c)
+    if dcap is not None:
+        p.mul_(dcap)
+    if valid is not None:  # ignored positions: exactly 0, even for non-finite logits
+        p.masked_fill_(~valid.unsqueeze(0), 0.0)
+    if bad is not None:
+        p.masked_fill_(bad.unsqueeze(0), float("nan"))
     if g is not None and p is not g:
         g.copy_(p)
     return loss, lse, p
