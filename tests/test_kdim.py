@@ -80,9 +80,21 @@ def test_op_matches_reference(dtype, shape, option):
         torch.testing.assert_close(buf, grad, equal_nan=True, rtol=0, atol=0)
 
 
-@needs_native
+def _forward_of(impl):
+    """The op on (N, C, S) logits: the compiled kernel's, or the pure-PyTorch path's (torch_xent.aten)."""
+    if impl == "native":
+        return ops.cross_entropy_forward
+    from torch_xent import aten
+
+    def forward(logits, target, weight, reduction, ignore_index, eps, z_loss, softcap, compute_grad):
+        o = torch_xent.LossOptions(("none", "mean", "sum")[reduction], ignore_index, eps, z_loss, softcap or None)
+        return aten.cross_entropy_forward(logits, target, weight, o, compute_grad)
+    return forward
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_op_edge_values(dtype):
+def test_op_edge_values(dtype, impl):
     """NaN and +-inf logits, an all -inf position, ignored positions holding NaN: as the reference."""
     logits, target, _ = make_problem((2, 6, 70), dtype, opts={"ignore_index": 255})
     logits[0, 2, 3] = float("nan")
@@ -97,7 +109,7 @@ def test_op_edge_values(dtype):
     for reduction in (0, 1):
         rloss, _, rgrad = reference.cross_entropy_forward(rows, tgt, None, op_options({"ignore_index": 255},
                                                                                       reduction))
-        loss, lse, grad = ops.cross_entropy_forward(logits, target, None, reduction, 255, 0.0, 0.0, 0.0, True)
+        loss, lse, grad = _forward_of(impl)(logits, target, None, reduction, 255, 0.0, 0.0, 0.0, True)
         assert_close(loss, rloss.reshape(2, 70) if reduction == 0 else rloss, dtype, "loss", "acc", 6)
         assert_close(grad, rgrad.reshape(2, 70, 6).movedim(-1, 1), dtype, "grad", "grad")
         if reduction == 0:
@@ -105,13 +117,13 @@ def test_op_edge_values(dtype):
     assert torch.equal(grad[1, :, 20], torch.zeros(6, dtype=dtype))
 
 
-@needs_native
-def test_op_everything_ignored():
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
+def test_op_everything_ignored(impl):
     logits, target, _ = make_problem((2, 5, 33), torch.float32)
     target.fill_(255)
     logits[0, 0, 0] = float("nan")
     for reduction, expect in ((0, torch.zeros(2, 33)), (1, torch.tensor(float("nan"))), (2, torch.tensor(0.0))):
-        loss, lse, grad = ops.cross_entropy_forward(logits, target, None, reduction, 255, 0.1, 0.0, 0.0, True)
+        loss, lse, grad = _forward_of(impl)(logits, target, None, reduction, 255, 0.1, 0.0, 0.0, True)
         torch.testing.assert_close(loss, expect, equal_nan=True)
         assert torch.equal(grad, torch.zeros_like(logits)) and torch.equal(lse, torch.zeros(2, 33))
 
