@@ -77,7 +77,7 @@ def test_forward_matches_reference(device, dtype, shape, option, budget):
 
 
 # (N, C, S): K-dimensional input in its own layout, in chunks of positions of one batch item.
-POSITION_SHAPES = [(2, 5, 7), (3, 19, 10), (1, 150, 4), (2, 3, 1)]
+POSITION_SHAPES = [(2, 5, 7), (3, 19, 10), (1, 150, 4), (2, 3, 1), (9, 4, 3), (2, 6, 0), (0, 6, 5)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,8 +86,9 @@ POSITION_SHAPES = [(2, 5, 7), (3, 19, 10), (1, 150, 4), (2, 3, 1)]
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_positions_match_reference(device, dtype, shape, option, budget):
     """(N, C, S) logits against the reference on the same problem as rows: (N, S) outputs, the
-    gradient in the logits' layout, chunks of 1 and 3 positions (partial, never across items) and the
-    default, in place, without host reads, without the gradient or the lse."""
+    gradient in the logits' layout, chunks of 1 and 3 positions (partial, never across items), of 12
+    (several short items at a time) and the default, in place, without host reads, without the
+    gradient or the lse."""
     opts = OPTIONS[option]
     n, c, s = shape
     logits, target, weight = make_problem(shape, dtype, device, opts)
@@ -95,8 +96,9 @@ def test_positions_match_reference(device, dtype, shape, option, budget):
     rows = logits.movedim(1, -1).reshape(-1, c)
     tgt = target.movedim(1, -1).reshape(-1, c) if soft else target.reshape(-1)
     itemsize = 8 if dtype == torch.float64 else 4
+    # Chunks of 12 positions take 4 items of 3 at a time (copied to rows), the others positions of one item.
     for reduction, chunk, variant in ((0, None, "in place"), (1, 1, "no host reads"), (2, 3, "in place"),
-                                      (0, 3, "no grad")):
+                                      (0, 3, "no grad"), (1, 12, "in place"), (0, 12, "out of place")):
         budget(chunk, c, itemsize)
         o = op_options(opts, reduction)
         what = f"{shape} reduction={reduction} chunk={chunk} {variant}"

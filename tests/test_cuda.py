@@ -660,12 +660,14 @@ def test_emulated_positions_edge_values(emulator):
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("shape", [(2, 19, 33, 17), (1, 150, 64), (3, 5, 2, 3, 7), (1, 1000, 1)],
+@pytest.mark.parametrize("shape", [(2, 19, 33, 17), (1, 150, 64), (3, 5, 2, 3, 7), (1, 1000, 3)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_positions_on_gpu(shape, option, dtype):
+def test_positions_on_gpu(shape, option, dtype, monkeypatch):
     """K-dimensional input on the GPU through the position kernel: the op on the (N, C, S) view against
-    the reference, the loss through torch_xent.cross_entropy against F.cross_entropy's, the gradient in
-    the input's own layout (in place: in the logits' storage)."""
+    the reference, the loss and gradient through torch_xent.cross_entropy against the reference
+    implementation's, the gradient in the input's own layout (in place: in the logits' storage)."""
+    from torch_xent import functional
+    monkeypatch.setattr(functional, "CUDA_POSITIONS_MIN_POSITIONS", 1)  # these small problems too
     opts = OPTIONS[option]
     logits, target, w = make_problem(shape, dtype, "cuda", dict(opts, scale=4.0), len(option) + shape[1])
     n, c = shape[0], shape[1]
@@ -700,3 +702,31 @@ def test_positions_on_gpu(shape, option, dtype):
     loss = torch_xent.cross_entropy(y, target, weight=w, impl="native", inplace_backward=True, **kw)
     (g2,) = torch.autograd.grad(loss, y)
     assert g2.data_ptr() == y.data_ptr()
+
+
+def test_cuda_reads_positions_only_where_they_fill_the_gpu():
+    """Which K-dim inputs the CUDA kernel reads as positions (a thread each): few classes and many
+    positions; the rest gets rows. Decided from the device and the shape alone (no GPU needed: a stand-in)."""
+    from torch_xent import functional
+    reads = functional._reads_positions
+
+    class Cuda:  # a stand-in with a CUDA device: only the device and the shape are looked at
+        def __init__(self, *shape):
+            self.device, self.shape = torch.device("cuda"), shape
+
+        def dim(self):
+            return len(self.shape)
+
+        def numel(self):
+            n = 1
+            for v in self.shape:
+                n *= v
+            return n
+
+    assert reads("native", Cuda(8, 19, 512, 1024)) and reads("native", Cuda(4, 150, 256, 256))
+    assert not reads("native", Cuda(8, 32000, 128))      # a long row a thread
+    assert not reads("native", Cuda(2, 19, 64, 64))      # 8192 positions: 32 blocks
+    assert not reads("native", Cuda(1000, 10))           # 2-D: rows
+    assert not reads("reference", Cuda(8, 19, 512, 1024))
+    assert reads("aten", Cuda(8, 32000, 128))
+    assert reads("native", torch.empty(2, 3, 4))          # the CPU kernel: any K-dim input

@@ -349,3 +349,19 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 def test_torch_compile_fullgraph_fresh_process():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("ok"), proc.stdout + proc.stderr
+
+
+@needs_native
+def test_op_zero_coefficient_with_a_target_share():
+    """A position whose softmax coefficient sum_q + 2 z_loss lse is exactly 0 while its target's share
+    is not (C = 1, every logit -1, z_loss 0.5: lse = -1): the kernel's fast gradient loop, which divides
+    by that factor, must not run there. The gradient is lse * p + p - 1 = -1."""
+    logits = torch.full((1, 1, 70), -1.0)
+    logits[0, 0, 64:] = -2.0  # the second tile: an ordinary factor (lse = -2)
+    target = torch.zeros(1, 70, dtype=torch.long)
+    loss, lse, grad = ops.cross_entropy_forward(logits, target, None, 2, -100, 0.0, 0.5, 0.0, True)
+    rows, tgt = as_rows(logits, target)
+    rloss, _, rgrad = reference.cross_entropy_forward(rows, tgt, None, op_options({"z_loss": 0.5}, 2), True)
+    assert torch.equal(grad[0, 0, :64], torch.full((64,), -1.0))
+    torch.testing.assert_close(grad, rgrad.reshape(1, 70, 1).movedim(-1, 1))
+    torch.testing.assert_close(loss, rloss)

@@ -198,11 +198,20 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
     # Under torch.compile one chunk, without a loop over symbolic sizes (dynamic=True keeps one graph).
     # (N, C, S) logits: chunks of positions of one batch item, (C, P) views of the logits (and of the
     # gradient and soft target) that _chunk_positions reduces over the classes, dimension 0, with
-    # the positions contiguous: nothing of the logits' size is copied or transposed.
+    # the positions contiguous: nothing of the logits' size is copied or transposed. Items shorter
+    # than a quarter of a chunk go several a chunk (below).
     if compiling:
         bounds = [(0, num_rows)]
+    elif positions and 0 < logits.shape[2] and 4 * logits.shape[2] <= rows:
+        # Short items (a chunk holds several): whole items a chunk, copied to (k * S, C) rows for
+        # _chunk (a copy of the chunk, not of the logits), rather than a few positions a chunk.
+        per_item = logits.shape[2]
+        items = rows // per_item
+        bounds = [(i * per_item, min(i + items, logits.shape[0]) * per_item)
+                  for i in range(0, logits.shape[0], items)]
     elif positions:
         per_item = logits.shape[2]
+        items = 0
         bounds = [(i * per_item + s, i * per_item + min(s + rows, per_item))
                   for i in range(logits.shape[0]) for s in range(0, per_item, rows)]
     else:
@@ -216,6 +225,21 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
 
     for start, end in bounds:
         sl = slice(start, end)
+        if positions and items:
+            i0, i1 = start // per_item, end // per_item
+
+            def rows_of(t):
+                return t[i0:i1].transpose(1, 2).reshape(-1, num_classes)
+            loss_c, lse_c, grad_c = _chunk(
+                rows_of(logits), compute_grad, None, False, temps, opts, soft, rows_of(target) if soft else target[sl],
+                None if y is None else y[sl], None if wy is None else wy[sl], w, sum_w,
+                None if row_scale is None else row_scale[sl],
+                None if not zero_ignored else valid[sl], None if bad is None else bad[sl], eps, z_loss, acc, need_lse)
+            if compute_grad:
+                grad[i0:i1].copy_(grad_c.view(i1 - i0, per_item, num_classes).transpose(1, 2))
+            losses.append(loss_c)
+            lses.append(lse_c)
+            continue
         loss_c, lse_c, grad_c = (_chunk_positions if positions else _chunk)(
             chunk_of(logits, start, end), compute_grad, None if grad is None else chunk_of(grad, start, end), direct,
             temps, opts, soft, chunk_of(target, start, end) if soft else target[sl],

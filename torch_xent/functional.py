@@ -24,6 +24,26 @@ from torch_xent.autograd import SoftmaxCrossEntropyFunction, fused_forward, is_b
 # The CPU kernel's K-dim layout compares class indices in float32 lanes: exact below 2**24 (the
 # CUDA kernel's too, for one limit on every device).
 _POSITIONS_MAX_CLASSES = 1 << 24
+# The CUDA kernel reads K-dim input in its own layout with a thread a position: where the classes are
+# few and the positions many (segmentation's), not where one thread would walk a long row alone or the
+# positions would not fill the GPU; such input gets (M, C) rows and the row kernels.
+CUDA_POSITIONS_MAX_CLASSES = 1024
+CUDA_POSITIONS_MIN_POSITIONS = 1 << 16
+
+
+def _reads_positions(kernel, input) -> bool:
+    """Whether ``kernel`` takes contiguous K-dim input as (N, C, S) positions rather than rows."""
+    if kernel == "aten":
+        return True
+    if kernel != "native":
+        return False
+    if input.device.type == "cpu":
+        return True
+    if input.device.type != "cuda" or input.dim() < 3:
+        return False
+    num_classes = input.shape[1]
+    return (0 < num_classes <= CUDA_POSITIONS_MAX_CLASSES
+            and input.numel() // num_classes >= CUDA_POSITIONS_MIN_POSITIONS)
 
 
 def _flatten_problem(input, target, soft, positions_layout=False):
@@ -145,8 +165,7 @@ def _cross_entropy(input, target, weight, opts: LossOptions, inplace_backward, i
     _checks.check_logits(input)
     kernel = resolve_impl(impl, input.device)
     soft = _checks.check_targets(input, target, opts.ignore_index)
-    logits, tgt, out_shape = _flatten_problem(
-        input, target, soft, kernel == "aten" or (kernel == "native" and input.device.type in ("cpu", "cuda")))
+    logits, tgt, out_shape = _flatten_problem(input, target, soft, _reads_positions(kernel, input))
     weight = _checks.check_weight(weight, input, logits.shape[1])
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or (soft and tgt.requires_grad))
     if not with_lse and kernel == "aten" and aten.runs_torch_loss(logits, opts, inplace_backward):
