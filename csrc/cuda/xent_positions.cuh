@@ -39,18 +39,12 @@ XENT_ROW_FN void process_position(const RowParams<T, acc_t>& p, int64_t S, int64
   T* g = p.grad != nullptr ? p.grad + base : nullptr;
   const acc_t cap = p.cap;
 
-  TargetTerms<acc_t> tt;
-  tt.y = -1;
-  tt.smooth_on = MODE != kSoft && p.eps > acc_t(0);
-  tt.keep = acc_t(1) - p.eps;
-  tt.uniform = p.eps / static_cast<acc_t>(C);
+  TargetTerms<acc_t> tt = target_terms<T, acc_t, MODE>(p);
   acc_t wy = acc_t(1);
   if (MODE != kSoft) {
     const int64_t y = p.target[row];
-    if (y == p.ignore_index || y < 0 || y >= C) {
-      // Ignored: counts for nothing, whatever its logits hold (they are not read). Out of range: the
-      // kernel cannot raise without a host sync, so the position is poisoned with NaN instead.
-      const acc_t v = y == p.ignore_index ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    acc_t v;
+    if (skipped_row(y, p.ignore_index, C, v)) {  // the position's logits are not read
       p.row_loss[row] = v;
       if (p.lse != nullptr) p.lse[row] = v;
       if (g != nullptr) {

@@ -457,6 +457,27 @@ XENT_ROW_FN void fill_grad(T* grow, const T* zrow, const Span& sp, int lane, int
   for (int ls = lane; ls < sp.nslots; ls += nthreads) store_slot(grow, sp.j_begin + ls * kVec, sp.jlo, sp.jhi, g_vec, out);
 }
 
+// Per-row constants of the target distribution (y is -1 until the row's class target sets it).
+template <typename T, typename acc_t, int MODE>
+XENT_ROW_FN TargetTerms<acc_t> target_terms(const RowParams<T, acc_t>& p) {
+  TargetTerms<acc_t> tt;
+  tt.y = -1;
+  tt.smooth_on = MODE != kSoft && p.eps > acc_t(0);
+  tt.keep = acc_t(1) - p.eps;
+  tt.uniform = p.eps / static_cast<acc_t>(p.C);
+  return tt;
+}
+
+// A class target with which the row counts for nothing: ignore_index (value 0, whatever the row's
+// logits hold), or outside [0, C) (value NaN: the kernel cannot raise without a host sync, so the row
+// is poisoned instead). False for a target that counts.
+template <typename acc_t>
+XENT_ROW_FN bool skipped_row(int64_t y, int64_t ignore_index, int C, acc_t& value) {
+  if (y != ignore_index && y >= 0 && y < C) return false;
+  value = y == ignore_index ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+  return true;
+}
+
 // A row's loss and lse from its combined statistics, and the gradient pass's scalars before the
 // reduction's scale (scale_result folds it in). Everything relative to the row max, as PyTorch's
 // log_softmax does (row_loss_shifted).
@@ -507,18 +528,12 @@ XENT_ROW_FN void process_row(const RowParams<T, acc_t>& p, int64_t row, int rank
   const Span sp = row_span(zrow, C, p.chunk_slots, rank, p.cluster);
   const bool writer = rank == 0 && lane == 0;
 
-  TargetTerms<acc_t> tt;
-  tt.y = -1;
-  tt.smooth_on = MODE != kSoft && p.eps > acc_t(0);
-  tt.keep = acc_t(1) - p.eps;
-  tt.uniform = p.eps / static_cast<acc_t>(C);
+  TargetTerms<acc_t> tt = target_terms<T, acc_t, MODE>(p);
   acc_t wy = acc_t(1);
   if (MODE != kSoft) {
     const int64_t y = p.target[row];
-    if (y == p.ignore_index || y < 0 || y >= C) {
-      // Ignored: counts for nothing, whatever its logits hold (the row is not read). Out of range:
-      // the kernel cannot raise without a host sync, so the row is poisoned with NaN instead.
-      const acc_t v = y == p.ignore_index ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    acc_t v;
+    if (skipped_row(y, p.ignore_index, C, v)) {  // the row is not read
       if (writer) {
         p.row_loss[row] = v;
         p.lse[row] = v;
