@@ -164,8 +164,12 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
         target = target.reshape(-1)  # (N, S) class targets are the (M,) rows' (a view)
         valid = target != opts.ignore_index
         if host:
-            check_targets_in_range(target, num_classes, opts.ignore_index)
             y = torch.where(valid, target, 0)
+            # One pass over the counted classes (K-dim input has millions of targets): the full check,
+            # with the first bad value in its message, only when that pass finds one.
+            lo, hi = torch.aminmax(y) if y.numel() else (0, 0)
+            if int(lo) < 0 or int(hi) >= num_classes:
+                check_targets_in_range(target, num_classes, opts.ignore_index)
         else:  # no host read: an out-of-range class is clamped for the gather and its row made NaN
             if compiling and device.type == "cpu":  # and, as everywhere under compile, an asynchronous assert
                 check_targets_in_range(target, num_classes, opts.ignore_index)
@@ -223,6 +227,20 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
         i, s = divmod(start, logits.shape[2])
         return t[i, :, s:s + end - start]
 
+    def keep(loss_c, lse_c, sl):
+        """A chunk's losses (summed, for a reduced loss: no (M,) buffer) and lse: 0 where ignored,
+        NaN where the target is out of range."""
+        if valid is not None:
+            loss_c = torch.where(valid[sl], loss_c, zero)
+            if need_lse:
+                lse_c = torch.where(valid[sl], lse_c, zero)
+        if bad is not None:
+            loss_c = torch.where(bad[sl], float("nan"), loss_c)
+            if need_lse:
+                lse_c = torch.where(bad[sl], float("nan"), lse_c)
+        losses.append(loss_c if opts.reduction == "none" else loss_c.sum())
+        lses.append(lse_c)
+
     for start, end in bounds:
         sl = slice(start, end)
         if positions and items:
@@ -237,8 +255,7 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
                 None if not zero_ignored else valid[sl], None if bad is None else bad[sl], eps, z_loss, acc, need_lse)
             if compute_grad:
                 grad[i0:i1].copy_(grad_c.view(i1 - i0, per_item, num_classes).transpose(1, 2))
-            losses.append(loss_c)
-            lses.append(lse_c)
+            keep(loss_c, lse_c, sl)
             continue
         loss_c, lse_c, grad_c = (_chunk_positions if positions else _chunk)(
             chunk_of(logits, start, end), compute_grad, None if grad is None else chunk_of(grad, start, end), direct,
@@ -246,35 +263,28 @@ def cross_entropy_forward(logits, target, weight, opts: LossOptions, compute_gra
             None if y is None else y[sl], None if wy is None else wy[sl], w, sum_w,
             None if row_scale is None else row_scale[sl],
             None if not zero_ignored else valid[sl], None if bad is None else bad[sl], eps, z_loss, acc, need_lse)
-        losses.append(loss_c)
-        lses.append(lse_c)
+        keep(loss_c, lse_c, sl)
         if compute_grad and grad is None and grad_c is not None:
             grad = grad_c.to(dtype)
-    if not losses:
-        loss_rows = torch.zeros(0, dtype=acc, device=device)
-        lse = torch.zeros(0, dtype=acc, device=device)
-    elif len(losses) == 1:
-        loss_rows, lse = losses[0], lses[0]
+
+    def joined(parts):
+        if not parts:
+            return torch.zeros(0, dtype=acc, device=device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if not need_lse:
+        lse = lses[0] if lses else torch.zeros(0, dtype=acc, device=device)
     else:
-        loss_rows, lse = torch.cat(losses), (torch.cat(lses) if need_lse else lses[0])
-    if valid is not None:
-        loss_rows = torch.where(valid, loss_rows, zero)
-        if need_lse:
-            lse = torch.where(valid, lse, zero)
-    if bad is not None:
-        loss_rows = torch.where(bad, float("nan"), loss_rows)
-        if need_lse:
-            lse = torch.where(bad, float("nan"), lse)
-    if positions:
-        loss_rows = loss_rows.reshape(logits.shape[0], logits.shape[2])
-        if need_lse:
+        lse = joined(lses)
+        if positions:
             lse = lse.reshape(logits.shape[0], logits.shape[2])
     if opts.reduction == "none":
-        loss = loss_rows
-    elif opts.reduction == "sum":
-        loss = loss_rows.sum()
+        loss = joined(losses)
+        if positions:
+            loss = loss.reshape(logits.shape[0], logits.shape[2])
     else:
-        loss = loss_rows.sum() * scale
+        total = torch.zeros((), dtype=acc, device=device) if not losses else (
+            losses[0] if len(losses) == 1 else torch.stack(losses).sum())
+        loss = total if opts.reduction == "sum" else total * scale
     if grad is None:
         grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return loss, lse, grad
